@@ -1,0 +1,25 @@
+//! CPU kernels: GGML block types, dequantization, activation quantization, quantized and
+//! float matrix multiplication (scalar reference + AVX2 SIMD chosen at run time), and the
+//! thread pool they run on.
+
+mod acts;
+mod blocks;
+mod cpu;
+mod dequant;
+mod dot_scalar;
+mod dtype;
+mod matmul;
+mod thread_pool;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+#[cfg(test)]
+mod tests;
+
+pub use acts::QuantizedActs;
+pub use cpu::{cpu_features, cpu_level, CpuFeatures, CpuLevel};
+pub use dequant::dequantize_row;
+pub use dtype::{DType, QK, QK_K};
+pub use matmul::{check_matmul_args, matmul, matmul_parallel, matmul_rows};
+pub use thread_pool::ThreadPool;

@@ -1,0 +1,10 @@
+//! tern-core: models, kernels, tokenizer, sampling and generation.
+pub mod chat_template;
+pub mod generation;
+pub mod gguf;
+pub mod kernels;
+pub mod model;
+pub mod rng;
+pub mod sampling;
+pub mod stop;
+pub mod tokenizer;

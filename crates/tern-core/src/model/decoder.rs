@@ -1,0 +1,289 @@
+//! The decoder forward pass shared by every architecture (pre-norm transformer: RMSNorm,
+//! grouped-query attention with rotary embeddings, SwiGLU MLP). Per-architecture differences
+//! (q/k/v bias, rotary layout, sliding window) are data in `ModelConfig`.
+//!
+//! Every buffer lives in a `Workspace` reused across calls; matmuls run on the stored weight
+//! encoding through `kernels`, split across the thread pool, and the matrices that read the
+//! same input (q/k/v, gate/up) share one parallel region.
+
+use crate::kernels::{self, QuantizedActs, ThreadPool};
+use crate::model::config::{ModelConfig, RopeStyle};
+use crate::model::kv_cache::KvCache;
+use crate::model::ops;
+use crate::model::weights::{Matrix, ModelWeights};
+use anyhow::{bail, Result};
+use std::sync::Mutex;
+
+/// Which positions of a forward pass need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last token (generation).
+    Last,
+    /// Every token (scoring, perplexity, prompt logprobs).
+    All,
+}
+
+pub struct Decoder {
+    pub weights: ModelWeights,
+    pool: ThreadPool,
+    inv_freq: Vec<f32>,
+    ws: Workspace,
+}
+
+#[derive(Default)]
+struct Workspace {
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    acts: [QuantizedActs; 3],
+    /// Attention scores, one buffer per thread.
+    scores: Vec<Mutex<Vec<f32>>>,
+}
+
+/// A raw pointer that threads write through at disjoint indices.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+
+impl SharedMut {
+    /// Going through a method makes closures capture the whole (Sync) wrapper.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: every user writes disjoint index ranges and the pool joins before the buffer is read.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl Decoder {
+    pub fn new(weights: ModelWeights, n_threads: usize) -> Self {
+        let c = &weights.config;
+        let half = c.head_dim / 2;
+        // Computed as transformers does (f32 pow), so rotary angles agree bit for bit.
+        let inv_freq = (0..half).map(|i| 1.0 / c.rope_theta.powf((2 * i) as f32 / c.head_dim as f32)).collect();
+        let pool = ThreadPool::new(n_threads.max(1));
+        let ws =
+            Workspace { scores: (0..pool.n_threads()).map(|_| Mutex::new(Vec::new())).collect(), ..Default::default() };
+        Decoder { weights, pool, inv_freq, ws }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let c = self.config();
+        KvCache::new(c.n_layers, c.n_kv_heads * c.head_dim, capacity)
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appends their K/V to the cache and writes
+    /// logits (`vocab` per requested position, row-major) into `logits`.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        which: LogitsFor,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
+        let c = self.weights.config.clone();
+        let n = tokens.len();
+        if n == 0 {
+            bail!("forward called with no tokens");
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            bail!("token id {bad} is out of range for a vocabulary of {}", c.vocab_size);
+        }
+        let pos0 = cache.len();
+        if pos0 + n > cache.capacity() {
+            bail!("context full: {} cached + {n} new tokens exceed the context size {}", pos0, cache.capacity());
+        }
+        let (d, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let ws = &mut self.ws;
+        for (buf, len) in [
+            (&mut ws.x, n * d),
+            (&mut ws.h, n * d),
+            (&mut ws.q, n * qd),
+            (&mut ws.k, n * kvd),
+            (&mut ws.v, n * kvd),
+            (&mut ws.attn, n * qd),
+            (&mut ws.proj, n * d),
+            (&mut ws.gate, n * c.ffn_hidden),
+            (&mut ws.up, n * c.ffn_hidden),
+        ] {
+            buf.resize(len, 0.0);
+        }
+        for (i, &t) in tokens.iter().enumerate() {
+            self.weights.embed.row_f32(t as usize, &mut ws.x[i * d..(i + 1) * d])?;
+        }
+
+        for (li, layer) in self.weights.layers.iter().enumerate() {
+            ops::rms_norm(&ws.x, &layer.attn_norm, c.rms_eps, &mut ws.h);
+            matmuls(
+                &self.pool,
+                &mut ws.acts,
+                &ws.h,
+                n,
+                &mut [(&layer.wq, &mut ws.q), (&layer.wk, &mut ws.k), (&layer.wv, &mut ws.v)],
+            )?;
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                for (buf, b) in [(&mut ws.q, bq), (&mut ws.k, bk), (&mut ws.v, bv)] {
+                    buf.chunks_exact_mut(b.len()).for_each(|row| ops::add_in_place(row, b));
+                }
+            }
+            for i in 0..n {
+                let pos = pos0 + i;
+                rope(&mut ws.q[i * qd..(i + 1) * qd], c.head_dim, pos, &self.inv_freq, c.rope_style);
+                rope(&mut ws.k[i * kvd..(i + 1) * kvd], c.head_dim, pos, &self.inv_freq, c.rope_style);
+            }
+            cache.write(li, pos0, &ws.k, &ws.v);
+            attention(
+                &self.pool,
+                &c,
+                cache.keys(li, pos0 + n),
+                cache.values(li, pos0 + n),
+                &ws.q,
+                pos0,
+                n,
+                &ws.scores,
+                &mut ws.attn,
+            );
+            matmuls(&self.pool, &mut ws.acts, &ws.attn, n, &mut [(&layer.wo, &mut ws.proj)])?;
+            ops::add_in_place(&mut ws.x, &ws.proj);
+
+            ops::rms_norm(&ws.x, &layer.ffn_norm, c.rms_eps, &mut ws.h);
+            matmuls(
+                &self.pool,
+                &mut ws.acts,
+                &ws.h,
+                n,
+                &mut [(&layer.w_gate, &mut ws.gate), (&layer.w_up, &mut ws.up)],
+            )?;
+            ops::silu_mul(&mut ws.gate, &ws.up);
+            matmuls(&self.pool, &mut ws.acts, &ws.gate, n, &mut [(&layer.w_down, &mut ws.proj)])?;
+            ops::add_in_place(&mut ws.x, &ws.proj);
+        }
+        cache.advance(n);
+
+        let (first, n_out) = match which {
+            LogitsFor::Last => (n - 1, 1),
+            LogitsFor::All => (0, n),
+        };
+        let rows = &ws.x[first * d..];
+        ops::rms_norm(rows, &self.weights.out_norm, c.rms_eps, &mut ws.h[..n_out * d]);
+        logits.resize(n_out * c.vocab_size, 0.0);
+        matmuls(&self.pool, &mut ws.acts, &ws.h[..n_out * d], n_out, &mut [(self.weights.lm_head(), logits)])?;
+        Ok(())
+    }
+}
+
+/// y_j = x · W_jᵀ for every (W_j, y_j), all in one parallel region. Activations are quantized
+/// once per distinct weight encoding.
+fn matmuls(
+    pool: &ThreadPool,
+    acts: &mut [QuantizedActs; 3],
+    x: &[f32],
+    n: usize,
+    jobs: &mut [(&Matrix, &mut Vec<f32>)],
+) -> Result<()> {
+    let k = jobs[0].0.cols;
+    let mut act_index = [0usize; 3];
+    let mut dtypes = Vec::with_capacity(3);
+    for (j, (m, _)) in jobs.iter().enumerate() {
+        act_index[j] = match dtypes.iter().position(|&dt| dt == m.dtype) {
+            Some(i) => i,
+            None => {
+                acts[dtypes.len()].quantize(m.dtype, x, n, k)?;
+                dtypes.push(m.dtype);
+                dtypes.len() - 1
+            }
+        };
+    }
+    let outs: Vec<(SharedMut, usize)> = jobs.iter_mut().map(|(m, y)| (SharedMut(y.as_mut_ptr()), m.rows)).collect();
+    let acts = &*acts;
+    let jobs = &*jobs;
+    pool.run(|t, nt| {
+        for (j, (m, _)) in jobs.iter().enumerate() {
+            let rows = split_rows(m.rows, t, nt);
+            if rows.is_empty() {
+                continue;
+            }
+            let (out, ldy) = outs[j];
+            // SAFETY: each thread gets a disjoint row range; y has n × m.rows elements.
+            unsafe { kernels::matmul_rows(m.dtype, m.data(), m.cols, rows, &acts[act_index[j]], out.ptr(), ldy) };
+        }
+    });
+    Ok(())
+}
+
+/// Thread t's share of `rows`, in multiples of 16 so kernel tiles stay full.
+fn split_rows(rows: usize, t: usize, nt: usize) -> std::ops::Range<usize> {
+    let chunks = rows.div_ceil(16);
+    let (lo, hi) = (chunks * t / nt * 16, chunks * (t + 1) / nt * 16);
+    lo.min(rows)..hi.min(rows)
+}
+
+fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32], style: RopeStyle) {
+    let half = head_dim / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for (i, &f) in inv_freq.iter().enumerate() {
+            let angle = pos as f32 * f;
+            let (sin, cos) = (angle.sin(), angle.cos());
+            let (a, b) = match style {
+                RopeStyle::Halves => (i, i + half),
+                RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+            };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos - x1 * sin;
+            head[b] = x0 * sin + x1 * cos;
+        }
+    }
+}
+
+/// Causal grouped-query attention of `n` new queries (positions pos0..pos0+n) over the cached
+/// keys/values `0..pos0+n`, limited to the sliding window when the model has one.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    pool: &ThreadPool,
+    c: &ModelConfig,
+    keys: &[f32],
+    values: &[f32],
+    q: &[f32],
+    pos0: usize,
+    n: usize,
+    scores: &[Mutex<Vec<f32>>],
+    out: &mut [f32],
+) {
+    let (hd, qd, kvd) = (c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let group = c.n_heads / c.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    let tasks = n * c.n_heads;
+    pool.run(|t, nt| {
+        let mut s = scores[t].lock().unwrap_or_else(|e| e.into_inner());
+        for task in tasks * t / nt..tasks * (t + 1) / nt {
+            let (i, h) = (task / c.n_heads, task % c.n_heads);
+            let pos = pos0 + i;
+            let start = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let kvh = h / group;
+            let qh = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
+            s.clear();
+            s.extend((start..=pos).map(|j| ops::dot(qh, &keys[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]) * scale));
+            ops::softmax(&mut s);
+            // SAFETY: (token i, head h) owns this disjoint slice of `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(i * qd + h * hd), hd) };
+            o.fill(0.0);
+            for (p, j) in s.iter().zip(start..=pos) {
+                ops::axpy(*p, &values[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd], o);
+            }
+        }
+    });
+}

@@ -1,0 +1,150 @@
+//! The weights of a decoder, however they were loaded (GGUF, safetensors, dummy).
+//!
+//! Matrices keep their stored encoding (a GGUF block type, f16, bf16, f32) and stay in the
+//! memory map when they came from a file: the matmul kernels read the quantized blocks directly.
+
+use crate::kernels::DType;
+use crate::model::config::ModelConfig;
+use anyhow::{bail, Result};
+use memmap2::Mmap;
+use std::sync::Arc;
+
+/// Bytes of one tensor: a window of a memory-mapped file, or an owned buffer.
+#[derive(Clone)]
+pub enum Bytes {
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Owned(Arc<Vec<u8>>),
+}
+
+impl Bytes {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A row-major matrix of `rows` × `cols` in `dtype` (each row is `cols` elements).
+#[derive(Clone)]
+pub struct Matrix {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: Bytes,
+}
+
+impl Matrix {
+    pub fn new(dtype: DType, rows: usize, cols: usize, bytes: Bytes) -> Result<Self> {
+        let expected = dtype.row_bytes(cols)? * rows;
+        let got = bytes.as_slice().len();
+        if got != expected {
+            bail!("{rows}×{cols} {} matrix needs {expected} bytes, got {got}", dtype.name());
+        }
+        Ok(Matrix { dtype, rows, cols, bytes })
+    }
+
+    pub fn data(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+
+    /// One row as f32 (embedding lookup).
+    pub fn row_f32(&self, row: usize, out: &mut [f32]) -> Result<()> {
+        let rb = self.dtype.row_bytes(self.cols)?;
+        crate::kernels::dequantize_row(self.dtype, &self.data()[row * rb..(row + 1) * rb], out)
+    }
+
+    pub fn n_bytes(&self) -> usize {
+        self.data().len()
+    }
+}
+
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    /// q, k, v biases (Qwen2).
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+    pub wo: Matrix,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: Matrix,
+    pub w_up: Matrix,
+    pub w_down: Matrix,
+}
+
+pub struct ModelWeights {
+    pub config: ModelConfig,
+    pub embed: Matrix,
+    pub layers: Vec<LayerWeights>,
+    pub out_norm: Vec<f32>,
+    /// None when tied to the embedding.
+    pub lm_head: Option<Matrix>,
+}
+
+impl ModelWeights {
+    pub fn lm_head(&self) -> &Matrix {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Checks every shape against the config, so a bad file fails at load, not mid-forward.
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.config;
+        let q = c.n_heads * c.head_dim;
+        let kv = c.n_kv_heads * c.head_dim;
+        let check = |name: &str, m: &Matrix, rows: usize, cols: usize| -> Result<()> {
+            if m.rows != rows || m.cols != cols {
+                bail!("{name}: shape {}×{}, expected {rows}×{cols}", m.rows, m.cols);
+            }
+            Ok(())
+        };
+        let vec_len = |name: &str, v: &[f32], n: usize| -> Result<()> {
+            if v.len() != n {
+                bail!("{name}: length {}, expected {n}", v.len());
+            }
+            Ok(())
+        };
+        check("embedding", &self.embed, c.vocab_size, c.hidden)?;
+        check("lm head", self.lm_head(), c.vocab_size, c.hidden)?;
+        vec_len("output norm", &self.out_norm, c.hidden)?;
+        if self.layers.len() != c.n_layers {
+            bail!("{} layers loaded, config says {}", self.layers.len(), c.n_layers);
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            let n = |s: &str| format!("layer {i} {s}");
+            vec_len(&n("attn norm"), &l.attn_norm, c.hidden)?;
+            vec_len(&n("ffn norm"), &l.ffn_norm, c.hidden)?;
+            check(&n("q"), &l.wq, q, c.hidden)?;
+            check(&n("k"), &l.wk, kv, c.hidden)?;
+            check(&n("v"), &l.wv, kv, c.hidden)?;
+            check(&n("o"), &l.wo, c.hidden, q)?;
+            check(&n("gate"), &l.w_gate, c.ffn_hidden, c.hidden)?;
+            check(&n("up"), &l.w_up, c.ffn_hidden, c.hidden)?;
+            check(&n("down"), &l.w_down, c.hidden, c.ffn_hidden)?;
+            if let Some([bq, bk, bv]) = &l.qkv_bias {
+                vec_len(&n("q bias"), bq, q)?;
+                vec_len(&n("k bias"), bk, kv)?;
+                vec_len(&n("v bias"), bv, kv)?;
+            } else if c.qkv_bias {
+                bail!("layer {i}: missing q/k/v bias");
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of weights read for one decode step (every matrix once; the embedding row is negligible).
+    pub fn bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| m.n_bytes()).sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head().n_bytes()
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.bytes_per_token() + if self.lm_head.is_some() { self.embed.n_bytes() } else { 0 }
+    }
+}

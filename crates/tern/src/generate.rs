@@ -1,0 +1,155 @@
+//! `tern generate` and `tern chat`.
+
+use crate::args::{ModelArgs, SamplingArgs};
+use anyhow::{Context, Result};
+use clap::Args;
+use std::io::{BufRead, Write};
+use tern_core::chat_template::{ChatMessage, ChatTemplate};
+use tern_core::generation::{generate, GenerateRequest};
+use tern_core::model::decoder::Decoder;
+use tern_core::tokenizer::Tokenizer;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Report log-probabilities with this many top alternatives per token.
+    #[arg(long)]
+    pub logprobs: Option<usize>,
+    /// Print one JSON object (prompt ids, output ids, text, finish reason, logprobs).
+    #[arg(long)]
+    pub json: bool,
+    pub prompt: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+fn chat_template(tok: &Tokenizer) -> Result<ChatTemplate> {
+    let source = tok.chat_template.as_deref().context("this model has no chat template")?;
+    let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
+    ChatTemplate::new(source, &text(tok.bos), &text(tok.eos))
+}
+
+/// Token ids of a rendered chat: the template writes any BOS itself.
+fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+    let text = chat_template(tok)?.render(messages, true)?;
+    let ids = tok.encode(&text, false)?;
+    Ok(ids)
+}
+
+pub fn run_generate(a: GenerateArgs) -> Result<()> {
+    let params = a.sampling.params()?;
+    let loaded = a.model.load()?;
+    let tok = loaded.tokenizer.context("this model has no tokenizer: generate needs one")?;
+    let prompt_ids = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage::new("system", s));
+        }
+        messages.push(ChatMessage::new("user", &a.prompt));
+        encode_chat(&tok, &messages)?
+    } else {
+        tok.encode(&a.prompt, true)?
+    };
+    let mut model = Decoder::new(loaded.weights, a.model.threads()?);
+    let req = GenerateRequest {
+        stop: a.sampling.stop.clone(),
+        ignore_eos: a.sampling.ignore_eos,
+        logprobs: a.logprobs,
+        ..GenerateRequest::new(prompt_ids, a.sampling.max_tokens, params)
+    };
+    let stdout = std::io::stdout();
+    let out = generate(&mut model, &tok, &req, |ev| {
+        if !a.json {
+            let mut s = stdout.lock();
+            let _ = s.write_all(ev.text.as_bytes());
+            let _ = s.flush();
+        }
+    })?;
+    if a.json {
+        let n_out = out.output_ids.len();
+        let mut v = serde_json::to_value(&out)?;
+        v["usage"] = serde_json::json!({ "prompt_tokens": out.prompt_ids.len(), "completion_tokens": n_out });
+        v["timings"] = serde_json::json!({
+            "prefill_ms": out.prefill_time.as_secs_f64() * 1e3,
+            "decode_ms": out.decode_time.as_secs_f64() * 1e3,
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens in {:.0} ms, {} tokens at {:.1} tok/s, finish: {:?}]",
+            out.prompt_ids.len(),
+            out.prefill_time.as_secs_f64() * 1e3,
+            out.output_ids.len(),
+            out.output_ids.len() as f64 / out.decode_time.as_secs_f64().max(1e-9),
+            out.finish_reason
+        );
+    }
+    Ok(())
+}
+
+pub fn run_chat(a: ChatArgs) -> Result<()> {
+    let params = a.sampling.params()?;
+    let loaded = a.model.load()?;
+    let tok = loaded.tokenizer.context("this model has no tokenizer: chat needs one")?;
+    chat_template(&tok)?;
+    let mut model = Decoder::new(loaded.weights, a.model.threads()?);
+    let system: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let mut messages = system.clone();
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    eprintln!("tern chat: type a message; /reset clears the conversation, /exit quits");
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages = system.clone();
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(ChatMessage::new("user", line));
+        let prompt_ids = encode_chat(&tok, &messages)?;
+        let req = GenerateRequest {
+            stop: a.sampling.stop.clone(),
+            ..GenerateRequest::new(prompt_ids, a.sampling.max_tokens, params.clone())
+        };
+        let result = generate(&mut model, &tok, &req, |ev| {
+            let _ = stdout.write_all(ev.text.as_bytes());
+            let _ = stdout.flush();
+        });
+        println!();
+        match result {
+            Ok(out) => messages.push(ChatMessage::new("assistant", &out.text)),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                messages.pop();
+            }
+        }
+    }
+    Ok(())
+}

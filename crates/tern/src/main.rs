@@ -1,0 +1,87 @@
+//! `tern`: the command-line front end.
+
+mod args;
+mod bench;
+mod generate;
+mod pull;
+mod registry;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "An efficient LLM inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a known model into the cache ($TERN_HOME, default ~/.cache/tern).
+    Pull {
+        /// Model key (see `tern models`).
+        key: String,
+    },
+    /// List known models and whether they are pulled.
+    Models,
+    /// Generate a completion for one prompt.
+    Generate(generate::GenerateArgs),
+    /// Chat interactively (streams tokens; /reset clears the conversation, /exit quits).
+    Chat(generate::ChatArgs),
+    /// Print the token ids of a text as JSON.
+    Tokenize {
+        #[command(flatten)]
+        model: args::ModelArgs,
+        /// Do not add BOS even when the model asks for it.
+        #[arg(long)]
+        no_special: bool,
+        text: String,
+    },
+    /// Measure prefill and decode speed and peak memory.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Pull { key } => {
+            let known =
+                registry::find(&key).with_context(|| format!("unknown model key {key:?}; see `tern models`"))?;
+            let path = pull::ensure(known, false)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Models => {
+            println!("{:<14} {:>9}  {:<8} description", "key", "size", "pulled");
+            for m in registry::KNOWN_MODELS {
+                let pulled = registry::model_path(m.key).is_ok_and(|p| p.is_file());
+                println!(
+                    "{:<14} {:>6} MB  {:<8} {}",
+                    m.key,
+                    m.size / 1_000_000,
+                    if pulled { "yes" } else { "no" },
+                    m.description
+                );
+            }
+            println!("cache: {}", registry::tern_home()?.join("models").display());
+            Ok(())
+        }
+        Command::Generate(a) => generate::run_generate(a),
+        Command::Chat(a) => generate::run_chat(a),
+        Command::Tokenize { model, no_special, text } => {
+            let loaded = model.load()?;
+            let tok = loaded.tokenizer.context("this model has no tokenizer")?;
+            let ids = tok.encode(&text, !no_special)?;
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        Command::Bench(a) => bench::run(a),
+    }
+}
