@@ -291,8 +291,8 @@ impl<'a> Reader<'a> {
 pub(crate) mod tests {
     use super::*;
 
-    /// Writes a minimal GGUF v3 file: the given metadata (string values) and f32 tensors.
-    pub fn write_gguf(meta: &[(&str, &str)], tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
+    /// Writes a minimal GGUF v3 file: metadata (string, u32 and f32 values) and f32 tensors.
+    pub fn write_gguf(meta: &[(&str, MetaValue)], tensors: &[(&str, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
         fn s(out: &mut Vec<u8>, v: &str) {
             out.extend((v.len() as u64).to_le_bytes());
             out.extend(v.as_bytes());
@@ -304,8 +304,21 @@ pub(crate) mod tests {
         out.extend((meta.len() as u64).to_le_bytes());
         for (k, v) in meta {
             s(&mut out, k);
-            out.extend(8u32.to_le_bytes());
-            s(&mut out, v);
+            match v {
+                MetaValue::String(v) => {
+                    out.extend(8u32.to_le_bytes());
+                    s(&mut out, v);
+                }
+                MetaValue::U32(v) => {
+                    out.extend(4u32.to_le_bytes());
+                    out.extend(v.to_le_bytes());
+                }
+                MetaValue::F32(v) => {
+                    out.extend(6u32.to_le_bytes());
+                    out.extend(v.to_le_bytes());
+                }
+                other => unimplemented!("test writer: {other:?}"),
+            }
         }
         let mut offset = 0u64;
         for (name, dims, data) in tensors {
@@ -333,11 +346,15 @@ pub(crate) mod tests {
         out
     }
 
-    fn parse(bytes: Vec<u8>) -> Result<GgufFile> {
-        let mut f = tempfile_path();
+    pub fn str_meta(v: &str) -> MetaValue {
+        MetaValue::String(v.into())
+    }
+
+    pub fn parse(bytes: Vec<u8>) -> Result<GgufFile> {
+        let f = tempfile_path();
         std::fs::write(&f, bytes).unwrap();
         let r = GgufFile::open(&f);
-        let _ = std::fs::remove_file(&mut f);
+        let _ = std::fs::remove_file(&f);
         r
     }
 
@@ -353,8 +370,10 @@ pub(crate) mod tests {
 
     #[test]
     fn parses_metadata_and_tensors() {
-        let bytes =
-            write_gguf(&[("general.architecture", "llama")], &[("w", vec![4, 2], (0..8).map(|x| x as f32).collect())]);
+        let bytes = write_gguf(
+            &[("general.architecture", str_meta("llama"))],
+            &[("w", vec![4, 2], (0..8).map(|x| x as f32).collect())],
+        );
         let f = parse(bytes).unwrap();
         assert_eq!(f.get_str("general.architecture"), Some("llama"));
         let t = f.tensor("w").unwrap();
@@ -372,7 +391,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_every_truncation() {
-        let bytes = write_gguf(&[("general.architecture", "llama")], &[("w", vec![8, 2], vec![1.0; 16])]);
+        let bytes = write_gguf(&[("general.architecture", str_meta("llama"))], &[("w", vec![8, 2], vec![1.0; 16])]);
         for cut in [0, 3, 7, 15, 23, 40, bytes.len() - 1] {
             let err = parse(bytes[..cut].to_vec()).err().unwrap_or_else(|| panic!("truncated at {cut} parsed"));
             let msg = format!("{err:#}");
@@ -385,7 +404,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_corrupt_counts_without_allocating() {
-        let mut bytes = write_gguf(&[("a", "b")], &[]);
+        let mut bytes = write_gguf(&[("a", str_meta("b"))], &[]);
         bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // metadata count
         let err = parse(bytes).err().unwrap();
         assert!(format!("{err:#}").contains("corrupt header"), "{err:#}");

@@ -130,7 +130,7 @@ impl QuantizedActs {
 
     fn prepare(&mut self, weight_dtype: DType, x: &[f32], n_rows: usize, k: usize) -> Result<()> {
         let bl = weight_dtype.block_len();
-        ensure!(k % bl == 0, "activations for {weight_dtype}: k={k} is not a multiple of {bl}");
+        ensure!(k.is_multiple_of(bl), "activations for {weight_dtype}: k={k} is not a multiple of {bl}");
         ensure!(
             n_rows.checked_mul(k) == Some(x.len()),
             "activations: x has {} values, expected n_rows*k = {n_rows}*{k}",

@@ -111,7 +111,7 @@ impl DType {
     /// Bytes of one row of `k` elements; errors if `k` is not a whole number of blocks.
     pub fn row_bytes(self, k: usize) -> Result<usize> {
         let bl = self.block_len();
-        if k % bl != 0 {
+        if !k.is_multiple_of(bl) {
             bail!("{}: row length {k} is not a multiple of the block length {bl}", self.name());
         }
         Ok(k / bl * self.block_bytes())

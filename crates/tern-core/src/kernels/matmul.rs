@@ -37,7 +37,7 @@ pub(crate) struct Kernel {
 }
 
 /// Activation bytes per chunk: kept well inside L2 so that they are reused from there.
-const ACT_CHUNK_BYTES: usize = 192 * 1024;
+const ACT_CHUNK_BYTES: usize = 24 * 1024;
 /// Row counts of parallel chunks are multiples of this (a multiple of every tile height).
 const ROW_ALIGN: usize = 8;
 
@@ -135,7 +135,7 @@ pub(crate) unsafe fn run_tiles(kern: &Kernel, m: &Mm, rows: Range<usize>) {
         return;
     }
     let th = if n_acts == 1 { kern.rows_decode } else { kern.rows_prefill };
-    let chunk = (ACT_CHUNK_BYTES / m.k.max(1)).clamp(8, 256);
+    let chunk = (ACT_CHUNK_BYTES / m.k.max(1)).clamp(4, 256);
     let mut c0 = 0;
     while c0 < n_acts {
         let c1 = (c0 + chunk).min(n_acts);

@@ -22,7 +22,9 @@ struct Shared {
     generation: AtomicU64,
     /// The current job; written by the caller before it bumps `generation`.
     job: UnsafeCell<Option<*const Job>>,
-    /// Workers that have not finished the current job.
+    /// Job indices 1..n not yet claimed by a worker; index = n - (value before claiming).
+    unclaimed: AtomicUsize,
+    /// Claimed indices whose worker has not finished.
     remaining: AtomicUsize,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
     shutdown: AtomicBool,
@@ -51,6 +53,7 @@ impl ThreadPool {
             n_threads,
             generation: AtomicU64::new(0),
             job: UnsafeCell::new(None),
+            unclaimed: AtomicUsize::new(0),
             remaining: AtomicUsize::new(0),
             panic: Mutex::new(None),
             shutdown: AtomicBool::new(false),
@@ -63,7 +66,7 @@ impl ThreadPool {
                 let s = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("tern-worker-{i}"))
-                    .spawn(move || worker(s, i))
+                    .spawn(move || worker(s))
                     .expect("failed to spawn worker thread")
             })
             .collect();
@@ -74,10 +77,13 @@ impl ThreadPool {
         self.shared.n_threads
     }
 
-    /// Runs f(thread_index, n_threads) on every thread (the caller is index 0) and returns when
-    /// all are done. A panic in any of them is re-raised here after all have finished. If the
-    /// pool is already busy (a nested call from inside `f`, or another thread's call), every
-    /// index runs on the calling thread instead, one after another.
+    /// Runs f(index, n_threads) for every index in 0..n_threads and returns when all are done;
+    /// the caller runs index 0, and each worker that wakes up in time claims one of the others.
+    /// Indices no worker has claimed by the time the caller is done with its own are run by
+    /// the caller, so a worker descheduled by other load on the machine does not stall the
+    /// job. A panic in any of them is re-raised here after all have finished. If the pool is
+    /// already busy (a nested call from inside `f`, or another thread's call), every index runs
+    /// on the calling thread, one after another.
     pub fn run<F: Fn(usize, usize) + Sync>(&self, f: F) {
         let n = self.shared.n_threads;
         let guard = match self.run_lock.try_lock() {
@@ -96,12 +102,21 @@ impl ThreadPool {
         let job: *const Job = unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(job) };
         unsafe { *s.job.get() = Some(job) };
         s.remaining.store(n - 1, Ordering::Relaxed);
+        s.unclaimed.store(n - 1, Ordering::Release);
         s.generation.fetch_add(1, Ordering::SeqCst);
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0, n)));
+        let mut mine = catch_unwind(AssertUnwindSafe(|| f(0, n)));
+        // Close the job to late workers and run what they did not claim.
+        let left = s.unclaimed.swap(0, Ordering::AcqRel);
+        s.remaining.fetch_sub(left, Ordering::AcqRel);
+        for i in n - left..n {
+            if mine.is_ok() {
+                mine = catch_unwind(AssertUnwindSafe(|| f(i, n)));
+            }
+        }
         wait_until(|| s.remaining.load(Ordering::Acquire) == 0);
         unsafe { *s.job.get() = None };
         let theirs = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -121,7 +136,7 @@ fn wait_until(done: impl Fn() -> bool) {
     let mut i = 0u32;
     while !done() {
         i = i.wrapping_add(1);
-        if i % 64 == 0 && start.elapsed() > SPIN {
+        if i.is_multiple_of(64) && start.elapsed() > SPIN {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
@@ -129,7 +144,7 @@ fn wait_until(done: impl Fn() -> bool) {
     }
 }
 
-fn worker(s: Arc<Shared>, index: usize) {
+fn worker(s: Arc<Shared>) {
     let mut seen = 0u64;
     loop {
         // Wait for a new generation: spin, then yield, then park on the condvar.
@@ -141,7 +156,7 @@ fn worker(s: Arc<Shared>, index: usize) {
                 break g;
             }
             i = i.wrapping_add(1);
-            if i % 64 != 0 {
+            if !i.is_multiple_of(64) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -163,6 +178,11 @@ fn worker(s: Arc<Shared>, index: usize) {
             return;
         }
         seen = gen;
+        let claimed = s.unclaimed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_sub(1));
+        let Ok(before) = claimed else {
+            continue; // The caller already ran the rest of this job.
+        };
+        let index = s.n_threads - before;
         // SAFETY: see `Shared`; the job stays valid until we decrement `remaining`.
         let job = unsafe { (*s.job.get()).expect("job set before generation bump") };
         let r = catch_unwind(AssertUnwindSafe(|| unsafe { (*job)(index, s.n_threads) }));

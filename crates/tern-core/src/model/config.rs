@@ -148,6 +148,18 @@ impl ModelConfig {
         if let Some(scaling) = c.rope_scaling.as_ref().filter(|v| !v.is_null()) {
             bail!("rope_scaling {scaling} is not supported");
         }
+        // transformers >= 5 writes rope settings as `rope_parameters`.
+        let rope_theta = match &c.rope_parameters {
+            Some(p) => {
+                let kind = p["rope_type"].as_str().unwrap_or("default");
+                if kind != "default" {
+                    bail!("rope_type {kind:?} is not supported");
+                }
+                p["rope_theta"].as_f64()
+            }
+            None => None,
+        };
+        let rope_theta = rope_theta.or(c.rope_theta).unwrap_or(10_000.0);
         let n_kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
         let sliding_window = match arch {
             Arch::Mistral => c.sliding_window,
@@ -163,7 +175,7 @@ impl ModelConfig {
             head_dim: c.head_dim.or(c.hidden_size.checked_div(c.num_attention_heads)).unwrap_or(0),
             ffn_hidden: c.intermediate_size,
             vocab_size: c.vocab_size,
-            rope_theta: c.rope_theta.unwrap_or(10_000.0) as f32,
+            rope_theta: rope_theta as f32,
             rope_style: RopeStyle::Halves,
             rms_eps: c.rms_norm_eps.unwrap_or(1e-6) as f32,
             max_context: c.max_position_embeddings.unwrap_or(2048),
@@ -206,6 +218,7 @@ struct HfConfig {
     attention_bias: Option<bool>,
     tie_word_embeddings: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
 }
 
 #[cfg(test)]

@@ -58,3 +58,58 @@ pub fn load(f: &GgufFile) -> Result<ModelWeights> {
     weights.validate()?;
     Ok(weights)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::tests::{parse, str_meta, write_gguf};
+    use crate::gguf::MetaValue;
+
+    /// Metadata and tensors of a 1-layer llama with hidden 32, written as f32 GGUF.
+    fn tiny_llama(arch: &str, skip: &str) -> Vec<u8> {
+        let meta = vec![
+            ("general.architecture", str_meta(arch)),
+            ("llama.block_count", MetaValue::U32(1)),
+            ("llama.embedding_length", MetaValue::U32(32)),
+            ("llama.feed_forward_length", MetaValue::U32(64)),
+            ("llama.attention.head_count", MetaValue::U32(2)),
+            ("llama.context_length", MetaValue::U32(64)),
+        ];
+        let m = |rows: u64, cols: u64| (vec![cols, rows], vec![0.01; (rows * cols) as usize]);
+        let v = |n: u64| (vec![n], vec![1.0; n as usize]);
+        let all = [
+            ("token_embd.weight", m(16, 32)),
+            ("output_norm.weight", v(32)),
+            ("blk.0.attn_norm.weight", v(32)),
+            ("blk.0.attn_q.weight", m(32, 32)),
+            ("blk.0.attn_k.weight", m(32, 32)),
+            ("blk.0.attn_v.weight", m(32, 32)),
+            ("blk.0.attn_output.weight", m(32, 32)),
+            ("blk.0.ffn_norm.weight", v(32)),
+            ("blk.0.ffn_gate.weight", m(64, 32)),
+            ("blk.0.ffn_up.weight", m(64, 32)),
+            ("blk.0.ffn_down.weight", m(32, 64)),
+        ];
+        let tensors: Vec<_> =
+            all.into_iter().filter(|(n, _)| *n != skip).map(|(n, (dims, data))| (n, dims, data)).collect();
+        write_gguf(&meta, &tensors)
+    }
+
+    #[test]
+    fn loads_a_complete_model() {
+        let w = load(&parse(tiny_llama("llama", "")).unwrap()).unwrap();
+        assert_eq!((w.config.n_layers, w.config.vocab_size, w.config.tied_embeddings), (1, 16, true));
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let err = load(&parse(tiny_llama("gptx", "")).unwrap()).err().unwrap();
+        assert!(format!("{err:#}").contains("unknown architecture \"gptx\""), "{err:#}");
+    }
+
+    #[test]
+    fn missing_tensor_is_named() {
+        let err = load(&parse(tiny_llama("llama", "blk.0.ffn_up.weight")).unwrap()).err().unwrap();
+        assert!(format!("{err:#}").contains("missing tensor \"blk.0.ffn_up.weight\""), "{err:#}");
+    }
+}

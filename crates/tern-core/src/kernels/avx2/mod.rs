@@ -1,13 +1,36 @@
 //! AVX2 + FMA + F16C kernels (x86-64). Integer dots use `vpmaddubsw` (unsigned weights ×
 //! signed int8 activations) + `vpmaddwd`.
 
+// Tile loops index several const-size register arrays with one counter.
+#![allow(clippy::needless_range_loop)]
+
+mod float;
+mod kquants;
+mod q32;
 pub(crate) mod quantize;
+mod util;
 
 use super::dtype::DType;
+
+/// Bytes ahead of the current weight block that streaming (decode) loops prefetch.
+const PREFETCH: usize = 768;
 use super::matmul::Kernel;
 
 /// The AVX2 kernel for `dtype`, if there is one. Callers check the CPU level first.
 pub(crate) fn kernel(dtype: DType) -> Option<Kernel> {
-    let _ = dtype;
-    None
+    let k = |tile, rows_decode, rows_prefill| Kernel { tile, rows_decode, rows_prefill };
+    Some(match dtype {
+        DType::Q4_0 => k(q32::tile::<q32::Q4_0>, 4, 2),
+        DType::Q4_1 => k(q32::tile::<q32::Q4_1>, 4, 2),
+        DType::Q5_0 => k(q32::tile::<q32::Q5_0>, 4, 2),
+        DType::Q5_1 => k(q32::tile::<q32::Q5_1>, 4, 2),
+        DType::Q8_0 => k(q32::tile::<q32::Q8_0>, 4, 2),
+        DType::Q4_K => k(kquants::tile::<kquants::Q4K>, 4, 2),
+        DType::Q5_K => k(kquants::tile::<kquants::Q5K>, 4, 2),
+        DType::Q6_K => k(kquants::tile::<kquants::Q6K>, 4, 2),
+        DType::F32 => k(float::tile::<float::F32>, 4, 2),
+        DType::F16 => k(float::tile::<float::F16>, 4, 2),
+        DType::BF16 => k(float::tile::<float::BF16>, 4, 2),
+        _ => return None,
+    })
 }

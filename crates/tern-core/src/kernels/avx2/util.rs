@@ -24,33 +24,14 @@ pub(crate) unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Σ a[i]·b[i] for n floats.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn dot_f32(a: *const f32, b: *const f32, n: usize) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut i = 0;
-    while i + 8 <= n {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(i)), _mm256_loadu_ps(b.add(i)), acc);
-        i += 8;
-    }
-    let mut s = hsum(acc);
-    while i < n {
-        s += *a.add(i) * *b.add(i);
-        i += 1;
-    }
-    s
-}
-
 /// 16 bytes of nibbles → 32 bytes: low nibbles (elements 0..15), then high (16..31).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn nibbles16(p: *const u8) -> __m256i {
-    let x = _mm_loadu_si128(p as *const __m128i);
-    let m = _mm_set1_epi8(0x0F);
-    let lo = _mm_and_si128(x, m);
-    let hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
-    _mm256_set_m128i(hi, lo)
+    // Same 16 bytes in both halves; the high half shifted right by 4 (one variable shift).
+    let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    let x = _mm256_srlv_epi32(x, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    _mm256_and_si256(x, _mm256_set1_epi8(0x0F))
 }
 
 /// 32 bits at p → 32 bytes, 0xFF where the bit (of the same index) is set.
@@ -58,29 +39,11 @@ pub(crate) unsafe fn nibbles16(p: *const u8) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn bytes_from_bits32(p: *const u8) -> __m256i {
     let x = std::ptr::read_unaligned(p as *const u32);
-    let shuf = _mm256_setr_epi64x(
-        0x0000_0000_0000_0000,
-        0x0101_0101_0101_0101,
-        0x0202_0202_0202_0202,
-        0x0303_0303_0303_0303,
-    );
+    let shuf =
+        _mm256_setr_epi64x(0x0000_0000_0000_0000, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303);
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
     let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
     _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
-}
-
-/// Thread-local f32 scratch of at least `n` values (per-row scales of a weight tile).
-pub(crate) fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    thread_local! {
-        static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCRATCH.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < n {
-            s.resize(n, 0.0);
-        }
-        f(&mut s[..n])
-    })
 }
 
 /// Calls `$f::<R, C>($args)` for runtime `nr`, `nc` in 1..=4.
