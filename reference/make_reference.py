@@ -40,7 +40,7 @@ HOW TO RUN
       numpy==2.4.6 safetensors==0.8.0 accelerate==1.15.0 jinja2==3.1.6
   /tmp/refenv/bin/python reference/make_reference.py            # everything (~3-5 min on 2 cores)
   /tmp/refenv/bin/python reference/make_reference.py --only tiny   # or --only gguf
-  Options: --models-dir DIR (default ~/.cache/tern/models).
+  Options: --models-dir DIR (default ~/.cache/tern/models), --threads N (default 2).
 
   (The PyPI Linux torch wheel pulls CUDA libraries; only the CPU is used. The versions actually
   used are recorded in every output file under "versions".)
@@ -745,6 +745,22 @@ def sliding_window_check(model_cls, config, state_dict, ids):
     }
 
 
+def legacy_config_layout(out_dir, config):
+    """Rewrite config.json in the transformers-4 layout most checkpoints in the wild use: top-level
+    "rope_theta" and "torch_dtype" instead of v5's "rope_parameters" and "dtype". transformers 5 reads
+    both; the other tiny models keep the v5 layout, so a loader is tested on both."""
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    rp = cfg.pop("rope_parameters")
+    assert rp.get("rope_type", "default") == "default", rp
+    cfg["rope_theta"] = rp["rope_theta"]
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def make_tiny_reference(ver):
     from safetensors.torch import load_file
 
@@ -756,8 +772,12 @@ def make_tiny_reference(ver):
         out_dir = os.path.join(TINY_DIR, name)
         os.makedirs(out_dir, exist_ok=True)
         model.save_pretrained(out_dir, safe_serialization=True)
-        # re-load from disk so the reference is computed on exactly the saved tensors
+        if name == "qwen2":
+            legacy_config_layout(out_dir, model.config)
+        # re-load from disk so the reference is computed on exactly the saved tensors and config
         model = cls.from_pretrained(out_dir, dtype=torch.float32, attn_implementation="eager").eval()
+        assert model.config.rope_parameters["rope_theta"] == config.rope_parameters["rope_theta"]
+        assert model.config.tie_word_embeddings == config.tie_word_embeddings
         note = (
             f"Random {cls.__name__} (seed {seed}; init std: {STD}), float32, eager attention. logits[p] = "
             "float32 logits at every prompt position p (6 significant digits) from one forward over prompt_ids; "
@@ -767,6 +787,8 @@ def make_tiny_reference(ver):
             "arch": name,
             "tie_word_embeddings": bool(config.tie_word_embeddings),
             "weights_dtype_on_disk": "float32",
+            "config_layout": "transformers-4 style (top-level rope_theta, torch_dtype)" if name == "qwen2"
+            else "transformers-5 style (rope_parameters.rope_theta, dtype)",
         }
         if config.tie_word_embeddings:
             extra["tied_note"] = "model.safetensors has no lm_head.weight: lm_head = model.embed_tokens.weight"
@@ -818,9 +840,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models-dir", default=os.path.expanduser("~/.cache/tern/models"))
     ap.add_argument("--only", choices=["gguf", "tiny"], default=None)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (results do not depend on it "
+                    "beyond float rounding; use 1 on a busy machine)")
     args = ap.parse_args()
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     transformers.logging.set_verbosity_error()
     try:
