@@ -93,3 +93,23 @@ fn bad_input_gets_clear_errors() {
     assert!(err.contains("unknown model key"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn hf_directories_and_dummy_weights_run() {
+    let tiny = repo_root().join("reference/tiny/qwen2");
+    // No tokenizer.json: benchmarking works, text generation says why it cannot.
+    let out = tern_ok(&["bench", "--model", tiny.to_str().unwrap(), "-p", "16", "-n", "4", "-r", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["arch"], "qwen2");
+    assert_eq!(v["results"].as_array().unwrap().len(), 2);
+    let err = tern_err(&["generate", "--model", tiny.to_str().unwrap(), "--", "hi"]);
+    assert!(err.contains("no tokenizer"), "{err}");
+
+    let config = format!("dummy:{}", tiny.join("config.json").display());
+    for dtype in ["q4_0", "q8_0", "bf16"] {
+        let out = tern_ok(&["bench", "--model", &config, "--dummy-dtype", dtype, "-p", "8", "-n", "4", "-r", "1"]);
+        assert!(out.contains("tg4"), "{out}");
+    }
+    let err = tern_err(&["bench", "--model", &config, "--dummy-dtype", "q9_9"]);
+    assert!(err.contains("unknown weight type"), "{err}");
+}

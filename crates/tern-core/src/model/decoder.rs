@@ -186,7 +186,7 @@ impl Decoder {
 }
 
 /// y_j = x · W_jᵀ for every (W_j, y_j), all in one parallel region. Activations are quantized
-/// once per distinct weight encoding.
+/// once per distinct activation format (e.g. Q5_0 and Q8_0 weights share Q8_0 activations).
 fn matmuls(
     pool: &ThreadPool,
     acts: &mut [QuantizedActs; 3],
@@ -196,14 +196,14 @@ fn matmuls(
 ) -> Result<()> {
     let k = jobs[0].0.cols;
     let mut act_index = [0usize; 3];
-    let mut dtypes = Vec::with_capacity(3);
+    let mut n_quantized = 0;
     for (j, (m, _)) in jobs.iter().enumerate() {
-        act_index[j] = match dtypes.iter().position(|&dt| dt == m.dtype) {
+        act_index[j] = match acts[..n_quantized].iter().position(|a| a.matches(m.dtype)) {
             Some(i) => i,
             None => {
-                acts[dtypes.len()].quantize(m.dtype, x, n, k)?;
-                dtypes.push(m.dtype);
-                dtypes.len() - 1
+                acts[n_quantized].quantize(m.dtype, x, n, k)?;
+                n_quantized += 1;
+                n_quantized - 1
             }
         };
     }

@@ -57,6 +57,19 @@ impl Matrix {
     pub fn n_bytes(&self) -> usize {
         self.data().len()
     }
+
+    /// The same matrix as owned f32 (the full-precision baseline of a quantized model).
+    pub fn to_f32(&self) -> Result<Matrix> {
+        if self.dtype == DType::F32 {
+            return Ok(self.clone());
+        }
+        let mut values = vec![0f32; self.rows * self.cols];
+        for (r, row) in values.chunks_exact_mut(self.cols).enumerate() {
+            self.row_f32(r, row)?;
+        }
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Matrix::new(DType::F32, self.rows, self.cols, Bytes::Owned(Arc::new(bytes)))
+    }
 }
 
 pub struct LayerWeights {
@@ -83,6 +96,35 @@ pub struct ModelWeights {
 }
 
 impl ModelWeights {
+    /// Every matrix dequantized to f32: the float32 path a reference implementation runs.
+    pub fn dequantized(&self) -> Result<ModelWeights> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerWeights {
+                    attn_norm: l.attn_norm.clone(),
+                    wq: l.wq.to_f32()?,
+                    wk: l.wk.to_f32()?,
+                    wv: l.wv.to_f32()?,
+                    qkv_bias: l.qkv_bias.clone(),
+                    wo: l.wo.to_f32()?,
+                    ffn_norm: l.ffn_norm.clone(),
+                    w_gate: l.w_gate.to_f32()?,
+                    w_up: l.w_up.to_f32()?,
+                    w_down: l.w_down.to_f32()?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ModelWeights {
+            config: self.config.clone(),
+            embed: self.embed.to_f32()?,
+            layers,
+            out_norm: self.out_norm.clone(),
+            lm_head: self.lm_head.as_ref().map(Matrix::to_f32).transpose()?,
+        })
+    }
+
     pub fn lm_head(&self) -> &Matrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
