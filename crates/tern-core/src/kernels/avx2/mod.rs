@@ -13,7 +13,7 @@ mod util;
 use super::dtype::DType;
 
 /// Bytes ahead of the current weight block that streaming (decode) loops prefetch.
-const PREFETCH: usize = 768;
+const PREFETCH: usize = 2048;
 use super::matmul::Kernel;
 
 /// The AVX2 kernel for `dtype`, if there is one. Callers check the CPU level first.
