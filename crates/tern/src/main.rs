@@ -18,10 +18,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download a known model into the cache ($TERN_HOME, default ~/.cache/tern).
+    /// Download known models into the cache ($TERN_HOME, default ~/.cache/tern); prints their paths.
     Pull {
-        /// Model key (see `tern models`).
-        key: String,
+        /// Model keys (see `tern models`).
+        #[arg(required = true)]
+        keys: Vec<String>,
     },
     /// List known models and whether they are pulled.
     Models,
@@ -51,11 +52,12 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Pull { key } => {
-            let known =
-                registry::find(&key).with_context(|| format!("unknown model key {key:?}; see `tern models`"))?;
-            let path = pull::ensure(known, false)?;
-            println!("{}", path.display());
+        Command::Pull { keys } => {
+            for key in keys {
+                let known =
+                    registry::find(&key).with_context(|| format!("unknown model key {key:?}; see `tern models`"))?;
+                println!("{}", pull::ensure(known, false)?.display());
+            }
             Ok(())
         }
         Command::Models => {
