@@ -17,6 +17,9 @@ const PREFETCH: usize = 2048;
 use super::matmul::Kernel;
 
 /// The AVX2 kernel for `dtype`, if there is one. Callers check the CPU level first.
+/// Decode tile heights were measured on matrices larger than L3 (kernel_bench `dram`/`151936`
+/// shapes, 2 threads, Zen 3): 4 rows suit the cheap-to-unpack 4/5-bit types, while Q8_0 and
+/// the K-quants stream fastest one row at a time (their per-row state would spill registers).
 pub(crate) fn kernel(dtype: DType) -> Option<Kernel> {
     let k = |tile, rows_decode, rows_prefill| Kernel { tile, rows_decode, rows_prefill };
     Some(match dtype {
@@ -24,10 +27,10 @@ pub(crate) fn kernel(dtype: DType) -> Option<Kernel> {
         DType::Q4_1 => k(q32::tile::<q32::Q4_1>, 4, 2),
         DType::Q5_0 => k(q32::tile::<q32::Q5_0>, 4, 2),
         DType::Q5_1 => k(q32::tile::<q32::Q5_1>, 4, 2),
-        DType::Q8_0 => k(q32::tile::<q32::Q8_0>, 4, 2),
-        DType::Q4_K => k(kquants::tile::<kquants::Q4K>, 4, 2),
-        DType::Q5_K => k(kquants::tile::<kquants::Q5K>, 4, 2),
-        DType::Q6_K => k(kquants::tile::<kquants::Q6K>, 4, 2),
+        DType::Q8_0 => k(q32::tile::<q32::Q8_0>, 1, 2),
+        DType::Q4_K => k(kquants::tile::<kquants::Q4K>, 1, 2),
+        DType::Q5_K => k(kquants::tile::<kquants::Q5K>, 1, 2),
+        DType::Q6_K => k(kquants::tile::<kquants::Q6K>, 1, 2),
         DType::F32 => k(float::tile::<float::F32>, 4, 2),
         DType::F16 => k(float::tile::<float::F16>, 4, 2),
         DType::BF16 => k(float::tile::<float::BF16>, 4, 2),
