@@ -2,8 +2,27 @@
 
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::model::config::ModelConfig;
-use crate::model::weights::{Bytes, LayerWeights, Matrix, ModelWeights};
+use crate::model::weights::{Bytes, Matrix, ModelWeights, TensorNames};
 use anyhow::{bail, Context, Result};
+
+const GGUF_NAMES: TensorNames = TensorNames {
+    layer_prefix: |i| format!("blk.{i}."),
+    attn_norm: "attn_norm.weight",
+    q: "attn_q.weight",
+    k: "attn_k.weight",
+    v: "attn_v.weight",
+    q_bias: "attn_q.bias",
+    k_bias: "attn_k.bias",
+    v_bias: "attn_v.bias",
+    o: "attn_output.weight",
+    ffn_norm: "ffn_norm.weight",
+    gate: "ffn_gate.weight",
+    up: "ffn_up.weight",
+    down: "ffn_down.weight",
+    embed: "token_embd.weight",
+    out_norm: "output_norm.weight",
+    lm_head: "output.weight",
+};
 
 pub fn load(f: &GgufFile) -> Result<ModelWeights> {
     let config = ModelConfig::from_gguf(f)?;
@@ -27,36 +46,7 @@ pub fn load(f: &GgufFile) -> Result<ModelWeights> {
             .with_context(|| format!("tensor {name:?}"))?;
         Ok(out)
     };
-    let mut layers = Vec::with_capacity(config.n_layers);
-    for i in 0..config.n_layers {
-        let p = |s: &str| format!("blk.{i}.{s}");
-        let qkv_bias = if config.qkv_bias {
-            Some([vector(&p("attn_q.bias"))?, vector(&p("attn_k.bias"))?, vector(&p("attn_v.bias"))?])
-        } else {
-            None
-        };
-        layers.push(LayerWeights {
-            attn_norm: vector(&p("attn_norm.weight"))?,
-            wq: matrix(&p("attn_q.weight"))?,
-            wk: matrix(&p("attn_k.weight"))?,
-            wv: matrix(&p("attn_v.weight"))?,
-            qkv_bias,
-            wo: matrix(&p("attn_output.weight"))?,
-            ffn_norm: vector(&p("ffn_norm.weight"))?,
-            w_gate: matrix(&p("ffn_gate.weight"))?,
-            w_up: matrix(&p("ffn_up.weight"))?,
-            w_down: matrix(&p("ffn_down.weight"))?,
-        });
-    }
-    let weights = ModelWeights {
-        embed: matrix("token_embd.weight")?,
-        out_norm: vector("output_norm.weight")?,
-        lm_head: if config.tied_embeddings { None } else { Some(matrix("output.weight")?) },
-        layers,
-        config,
-    };
-    weights.validate()?;
-    Ok(weights)
+    ModelWeights::assemble(config, &GGUF_NAMES, matrix, vector)
 }
 
 #[cfg(test)]

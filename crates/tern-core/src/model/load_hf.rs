@@ -3,7 +3,7 @@
 
 use crate::kernels::DType;
 use crate::model::config::ModelConfig;
-use crate::model::weights::{Bytes, LayerWeights, Matrix, ModelWeights};
+use crate::model::weights::{Bytes, Matrix, ModelWeights, TensorNames};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
@@ -18,6 +18,25 @@ struct Entry {
     dtype: DType,
     shape: Vec<usize>,
 }
+
+const HF_NAMES: TensorNames = TensorNames {
+    layer_prefix: |i| format!("model.layers.{i}."),
+    attn_norm: "input_layernorm.weight",
+    q: "self_attn.q_proj.weight",
+    k: "self_attn.k_proj.weight",
+    v: "self_attn.v_proj.weight",
+    q_bias: "self_attn.q_proj.bias",
+    k_bias: "self_attn.k_proj.bias",
+    v_bias: "self_attn.v_proj.bias",
+    o: "self_attn.o_proj.weight",
+    ffn_norm: "post_attention_layernorm.weight",
+    gate: "mlp.gate_proj.weight",
+    up: "mlp.up_proj.weight",
+    down: "mlp.down_proj.weight",
+    embed: "model.embed_tokens.weight",
+    out_norm: "model.norm.weight",
+    lm_head: "lm_head.weight",
+};
 
 pub fn load(dir: &Path) -> Result<ModelWeights> {
     let config_path = dir.join("config.json");
@@ -78,39 +97,5 @@ pub fn load(dir: &Path) -> Result<ModelWeights> {
         Ok(out)
     };
 
-    let mut layers = Vec::with_capacity(config.n_layers);
-    for i in 0..config.n_layers {
-        let p = |s: &str| format!("model.layers.{i}.{s}");
-        let qkv_bias = if config.qkv_bias {
-            Some([
-                vector(&p("self_attn.q_proj.bias"))?,
-                vector(&p("self_attn.k_proj.bias"))?,
-                vector(&p("self_attn.v_proj.bias"))?,
-            ])
-        } else {
-            None
-        };
-        layers.push(LayerWeights {
-            attn_norm: vector(&p("input_layernorm.weight"))?,
-            wq: matrix(&p("self_attn.q_proj.weight"))?,
-            wk: matrix(&p("self_attn.k_proj.weight"))?,
-            wv: matrix(&p("self_attn.v_proj.weight"))?,
-            qkv_bias,
-            wo: matrix(&p("self_attn.o_proj.weight"))?,
-            ffn_norm: vector(&p("post_attention_layernorm.weight"))?,
-            w_gate: matrix(&p("mlp.gate_proj.weight"))?,
-            w_up: matrix(&p("mlp.up_proj.weight"))?,
-            w_down: matrix(&p("mlp.down_proj.weight"))?,
-        });
-    }
-    let lm_head = if config.tied_embeddings { None } else { Some(matrix("lm_head.weight")?) };
-    let weights = ModelWeights {
-        embed: matrix("model.embed_tokens.weight")?,
-        out_norm: vector("model.norm.weight")?,
-        lm_head,
-        layers,
-        config,
-    };
-    weights.validate()?;
-    Ok(weights)
+    ModelWeights::assemble(config, &HF_NAMES, matrix, vector)
 }

@@ -86,6 +86,26 @@ pub struct LayerWeights {
     pub w_down: Matrix,
 }
 
+/// Where a file format keeps each tensor: per-layer names are `layer_prefix(i)` + suffix.
+pub struct TensorNames {
+    pub layer_prefix: fn(usize) -> String,
+    pub attn_norm: &'static str,
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub q_bias: &'static str,
+    pub k_bias: &'static str,
+    pub v_bias: &'static str,
+    pub o: &'static str,
+    pub ffn_norm: &'static str,
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+    pub embed: &'static str,
+    pub out_norm: &'static str,
+    pub lm_head: &'static str,
+}
+
 pub struct ModelWeights {
     pub config: ModelConfig,
     pub embed: Matrix,
@@ -96,6 +116,47 @@ pub struct ModelWeights {
 }
 
 impl ModelWeights {
+    /// Collects every tensor the config calls for through a source's getters (which name the
+    /// missing tensor in their error), then validates the shapes.
+    pub fn assemble(
+        config: ModelConfig,
+        names: &TensorNames,
+        matrix: impl Fn(&str) -> Result<Matrix>,
+        vector: impl Fn(&str) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for i in 0..config.n_layers {
+            let prefix = (names.layer_prefix)(i);
+            let p = |suffix: &str| format!("{prefix}{suffix}");
+            let qkv_bias = if config.qkv_bias {
+                Some([vector(&p(names.q_bias))?, vector(&p(names.k_bias))?, vector(&p(names.v_bias))?])
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                attn_norm: vector(&p(names.attn_norm))?,
+                wq: matrix(&p(names.q))?,
+                wk: matrix(&p(names.k))?,
+                wv: matrix(&p(names.v))?,
+                qkv_bias,
+                wo: matrix(&p(names.o))?,
+                ffn_norm: vector(&p(names.ffn_norm))?,
+                w_gate: matrix(&p(names.gate))?,
+                w_up: matrix(&p(names.up))?,
+                w_down: matrix(&p(names.down))?,
+            });
+        }
+        let weights = ModelWeights {
+            embed: matrix(names.embed)?,
+            out_norm: vector(names.out_norm)?,
+            lm_head: if config.tied_embeddings { None } else { Some(matrix(names.lm_head)?) },
+            layers,
+            config,
+        };
+        weights.validate()?;
+        Ok(weights)
+    }
+
     /// Every matrix dequantized to f32: the float32 path a reference implementation runs.
     pub fn dequantized(&self) -> Result<ModelWeights> {
         let layers = self
