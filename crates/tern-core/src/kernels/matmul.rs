@@ -39,7 +39,7 @@ pub(crate) struct Kernel {
 /// Activation bytes per chunk: kept well inside L2 so that they are reused from there.
 const ACT_CHUNK_BYTES: usize = 24 * 1024;
 /// Row counts of parallel chunks are multiples of this (a multiple of every tile height).
-const ROW_ALIGN: usize = 8;
+const ROW_ALIGN: usize = 12;
 
 unsafe fn scalar_tile(m: &Mm, r0: usize, nr: usize, acts: Range<usize>, dtype: DType) {
     for r in r0..r0 + nr {

@@ -224,10 +224,10 @@ fn matmuls(
     Ok(())
 }
 
-/// Thread t's share of `rows`, in multiples of 16 so kernel tiles stay full.
+/// Thread t's share of `rows`, in multiples of 12 so kernel tiles (1-4 rows) stay full.
 fn split_rows(rows: usize, t: usize, nt: usize) -> std::ops::Range<usize> {
-    let chunks = rows.div_ceil(16);
-    let (lo, hi) = (chunks * t / nt * 16, chunks * (t + 1) / nt * 16);
+    let chunks = rows.div_ceil(12);
+    let (lo, hi) = (chunks * t / nt * 12, chunks * (t + 1) / nt * 12);
     lo.min(rows)..hi.min(rows)
 }
 

@@ -23,11 +23,11 @@ use super::matmul::Kernel;
 pub(crate) fn kernel(dtype: DType) -> Option<Kernel> {
     let k = |tile, rows_decode, rows_prefill| Kernel { tile, rows_decode, rows_prefill };
     Some(match dtype {
-        DType::Q4_0 => k(q32::tile::<q32::Q4_0>, 4, 2),
-        DType::Q4_1 => k(q32::tile::<q32::Q4_1>, 4, 2),
-        DType::Q5_0 => k(q32::tile::<q32::Q5_0>, 4, 2),
-        DType::Q5_1 => k(q32::tile::<q32::Q5_1>, 4, 2),
-        DType::Q8_0 => k(q32::tile::<q32::Q8_0>, 1, 2),
+        DType::Q4_0 => k(q32::tile::<q32::Q4_0>, 4, 3),
+        DType::Q4_1 => k(q32::tile::<q32::Q4_1>, 4, 3),
+        DType::Q5_0 => k(q32::tile::<q32::Q5_0>, 4, 3),
+        DType::Q5_1 => k(q32::tile::<q32::Q5_1>, 4, 3),
+        DType::Q8_0 => k(q32::tile::<q32::Q8_0>, 1, 3),
         DType::Q4_K => k(kquants::tile::<kquants::Q4K>, 1, 2),
         DType::Q5_K => k(kquants::tile::<kquants::Q5K>, 1, 2),
         DType::Q6_K => k(kquants::tile::<kquants::Q6K>, 1, 2),
