@@ -269,7 +269,8 @@ fn attention(
     let tasks = n * c.n_heads;
     pool.run(|t, nt| {
         let mut s = scores[t].lock().unwrap_or_else(|e| e.into_inner());
-        for task in tasks * t / nt..tasks * (t + 1) / nt {
+        // Interleaved so that each thread gets early (short) and late (long) causal rows alike.
+        for task in (t..tasks).step_by(nt) {
             let (i, h) = (task / c.n_heads, task % c.n_heads);
             let pos = pos0 + i;
             let start = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
