@@ -266,24 +266,36 @@ fn attention(
     let group = c.n_heads / c.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SharedMut(out.as_mut_ptr());
-    let tasks = n * c.n_heads;
+    // One task per (token, KV head): the query heads sharing that KV head read each key and
+    // value once, while it is in L1.
+    let tasks = n * c.n_kv_heads;
     pool.run(|t, nt| {
         let mut s = scores[t].lock().unwrap_or_else(|e| e.into_inner());
         // Interleaved so that each thread gets early (short) and late (long) causal rows alike.
         for task in (t..tasks).step_by(nt) {
-            let (i, h) = (task / c.n_heads, task % c.n_heads);
+            let (i, kvh) = (task / c.n_kv_heads, task % c.n_kv_heads);
             let pos = pos0 + i;
             let start = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let kvh = h / group;
-            let qh = &q[i * qd + h * hd..i * qd + (h + 1) * hd];
+            let len = pos + 1 - start;
+            let heads = i * qd + kvh * group * hd..i * qd + (kvh + 1) * group * hd;
+            let qg = &q[heads.clone()];
             s.clear();
-            s.extend((start..=pos).map(|j| ops::dot(qh, &keys[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd]) * scale));
-            ops::softmax(&mut s);
-            // SAFETY: (token i, head h) owns this disjoint slice of `out`.
-            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(i * qd + h * hd), hd) };
+            s.resize(group * len, 0.0);
+            for (jj, j) in (start..=pos).enumerate() {
+                let key = &keys[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                for (g, qh) in qg.chunks_exact(hd).enumerate() {
+                    s[g * len + jj] = ops::dot(qh, key) * scale;
+                }
+            }
+            s.chunks_exact_mut(len).for_each(ops::softmax);
+            // SAFETY: (token i, KV head kvh) owns these heads' disjoint slice of `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(heads.start), heads.len()) };
             o.fill(0.0);
-            for (p, j) in s.iter().zip(start..=pos) {
-                ops::axpy(*p, &values[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd], o);
+            for (jj, j) in (start..=pos).enumerate() {
+                let value = &values[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                for (g, oh) in o.chunks_exact_mut(hd).enumerate() {
+                    ops::axpy(s[g * len + jj], value, oh);
+                }
             }
         }
     });
