@@ -159,16 +159,8 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special).map_err(|e| anyhow!("detokenizing: {e}"))
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
-    }
-
-    pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.inner.token_to_id(text)
     }
 
     pub fn is_stop_token(&self, id: u32) -> bool {

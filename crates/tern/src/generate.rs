@@ -53,8 +53,14 @@ fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// As OpenAI's `top_logprobs`.
+const MAX_TOP_LOGPROBS: usize = 20;
+
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let params = a.sampling.params()?;
+    if a.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+        anyhow::bail!("--logprobs must be at most {MAX_TOP_LOGPROBS}");
+    }
     let loaded = a.model.load()?;
     let tok = loaded.tokenizer.context("this model has no tokenizer: generate needs one")?;
     let prompt_ids = if a.chat {

@@ -89,6 +89,8 @@ fn bad_input_gets_clear_errors() {
     let long_prompt = "word ".repeat(9000);
     let err = tern_err(&["generate", "--max-tokens", "1", "--", &long_prompt]);
     assert!(err.contains("exceeds the model's context length"), "{err}");
+    let err = tern_err(&["generate", "--logprobs", "21", "--", "hi"]);
+    assert!(err.contains("--logprobs must be at most 20"), "{err}");
     let err = tern_err(&["pull", "gpt-5"]);
     assert!(err.contains("unknown model key"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();

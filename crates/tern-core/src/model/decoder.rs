@@ -201,7 +201,7 @@ fn matmuls(
         act_index[j] = match acts[..n_quantized].iter().position(|a| a.matches(m.dtype)) {
             Some(i) => i,
             None => {
-                acts[n_quantized].quantize(m.dtype, x, n, k)?;
+                acts[n_quantized].quantize_parallel(pool, m.dtype, x, n, k)?;
                 n_quantized += 1;
                 n_quantized - 1
             }
