@@ -41,6 +41,9 @@ struct Workspace {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// Rotary cos/sin per token and frequency, shared by every layer and head.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
     acts: [QuantizedActs; 3],
     /// Attention scores, one buffer per thread.
     scores: Vec<Mutex<Vec<f32>>>,
@@ -124,6 +127,16 @@ impl Decoder {
         for (i, &t) in tokens.iter().enumerate() {
             self.weights.embed.row_f32(t as usize, &mut ws.x[i * d..(i + 1) * d])?;
         }
+        let half = self.inv_freq.len();
+        ws.cos.clear();
+        ws.sin.clear();
+        for i in 0..n {
+            for &f in &self.inv_freq {
+                let angle = (pos0 + i) as f32 * f;
+                ws.cos.push(angle.cos());
+                ws.sin.push(angle.sin());
+            }
+        }
 
         for (li, layer) in self.weights.layers.iter().enumerate() {
             ops::rms_norm(&ws.x, &layer.attn_norm, c.rms_eps, &mut ws.h);
@@ -140,9 +153,9 @@ impl Decoder {
                 }
             }
             for i in 0..n {
-                let pos = pos0 + i;
-                rope(&mut ws.q[i * qd..(i + 1) * qd], c.head_dim, pos, &self.inv_freq, c.rope_style);
-                rope(&mut ws.k[i * kvd..(i + 1) * kvd], c.head_dim, pos, &self.inv_freq, c.rope_style);
+                let (cos, sin) = (&ws.cos[i * half..(i + 1) * half], &ws.sin[i * half..(i + 1) * half]);
+                rope(&mut ws.q[i * qd..(i + 1) * qd], c.head_dim, cos, sin, c.rope_style);
+                rope(&mut ws.k[i * kvd..(i + 1) * kvd], c.head_dim, cos, sin, c.rope_style);
             }
             cache.write(li, pos0, &ws.k, &ws.v);
             attention(
@@ -231,12 +244,11 @@ fn split_rows(rows: usize, t: usize, nt: usize) -> std::ops::Range<usize> {
     lo.min(rows)..hi.min(rows)
 }
 
-fn rope(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32], style: RopeStyle) {
+/// Rotates each head of `x` by the token's angles (`cos`/`sin` per frequency).
+fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], style: RopeStyle) {
     let half = head_dim / 2;
     for head in x.chunks_exact_mut(head_dim) {
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let angle = pos as f32 * f;
-            let (sin, cos) = (angle.sin(), angle.cos());
+        for (i, (&cos, &sin)) in cos.iter().zip(sin).enumerate() {
             let (a, b) = match style {
                 RopeStyle::Halves => (i, i + half),
                 RopeStyle::Adjacent => (2 * i, 2 * i + 1),
