@@ -144,6 +144,23 @@ impl Tokenizer {
         })
     }
 
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (BOS/EOS, BOS rule, chat template)
+    /// into `dir`, so a model written in Hugging Face layout carries its tokenizer.
+    pub fn save_hf_dir(&self, dir: &Path) -> Result<()> {
+        let text = |id: Option<u32>| id.and_then(|i| self.token_text(i));
+        let config = serde_json::json!({
+            "bos_token": text(self.bos),
+            "eos_token": text(self.eos),
+            "add_bos_token": self.add_bos,
+            "chat_template": self.chat_template,
+        });
+        self.inner
+            .save(dir.join("tokenizer.json"), false)
+            .map_err(|e| anyhow!("cannot write {}: {e}", dir.join("tokenizer.json").display()))?;
+        std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)
+            .with_context(|| format!("cannot write tokenizer_config.json in {}", dir.display()))
+    }
+
     /// Token ids of `text`; with `add_special`, BOS is prepended when the model asks for it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode_fast(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;

@@ -44,8 +44,26 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn check_tokenization(key: &str) {
-    let r = reference(key);
+    // The tokenizer built from GGUF metadata, and the same saved as tokenizer.json and loaded
+    // back through the Hugging Face path.
     let tok = load(key).tokenizer.unwrap();
+    check_tokenizer(key, &tok);
+    let dir = std::env::temp_dir().join(format!("tern-tok-{key}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    tok.save_hf_dir(&dir).unwrap();
+    let hf = Tokenizer::from_hf_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(
+        (hf.bos, hf.eos, hf.add_bos),
+        (tok.bos, tok.eos, tok.add_bos),
+        "{key}: special tokens via tokenizer.json"
+    );
+    assert_eq!(hf.chat_template, tok.chat_template);
+    check_tokenizer(key, &hf);
+}
+
+fn check_tokenizer(key: &str, tok: &Tokenizer) {
+    let r = reference(key);
     let mut failures = Vec::new();
     for case in r["tokenization"]["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
@@ -68,11 +86,11 @@ fn check_tokenization(key: &str) {
         let mut stream = StreamDecoder::new(true);
         let mut joined = String::new();
         for id in tok.encode(text, false).unwrap() {
-            let delta = stream.push(&tok, id).unwrap();
+            let delta = stream.push(tok, id).unwrap();
             assert!(!delta.contains('\u{FFFD}'), "{key}: broken character streaming {text:?}");
             joined += &delta;
         }
-        joined += &stream.flush(&tok).unwrap();
+        joined += &stream.flush(tok).unwrap();
         assert_eq!(joined, tok.decode(&tok.encode(text, false).unwrap(), true).unwrap(), "{key}: streamed {text:?}");
     }
 }
