@@ -279,35 +279,34 @@ fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let out_ptr = SharedMut(out.as_mut_ptr());
     // One task per (token, KV head): the query heads sharing that KV head read each key and
-    // value once, while it is in L1.
-    let tasks = n * c.n_kv_heads;
+    // value once, while it is in L1. With few tokens (decode) that is too few tasks to keep
+    // every thread busy, so each query head becomes its own task.
+    let per_task = if n * c.n_kv_heads >= 4 * pool.n_threads() { group } else { 1 };
+    let tasks = n * c.n_heads / per_task;
     pool.run(|t, nt| {
         let mut s = scores[t].lock().unwrap_or_else(|e| e.into_inner());
         // Interleaved so that each thread gets early (short) and late (long) causal rows alike.
         for task in (t..tasks).step_by(nt) {
-            let (i, kvh) = (task / c.n_kv_heads, task % c.n_kv_heads);
+            let per_token = c.n_heads / per_task;
+            let (i, first_head) = (task / per_token, task % per_token * per_task);
+            let kvh = first_head / group;
             let pos = pos0 + i;
             let start = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let len = pos + 1 - start;
-            let heads = i * qd + kvh * group * hd..i * qd + (kvh + 1) * group * hd;
+            let heads = i * qd + first_head * hd..i * qd + (first_head + per_task) * hd;
             let qg = &q[heads.clone()];
             s.clear();
-            s.resize(group * len, 0.0);
-            for (jj, j) in (start..=pos).enumerate() {
-                let key = &keys[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                for (g, qh) in qg.chunks_exact(hd).enumerate() {
-                    s[g * len + jj] = ops::dot(qh, key) * scale;
-                }
+            s.resize(per_task * len, 0.0);
+            let first = start * kvd + kvh * hd;
+            for (qh, sh) in qg.chunks_exact(hd).zip(s.chunks_exact_mut(len)) {
+                ops::scaled_dots(qh, &keys[first..], kvd, scale, sh);
             }
             s.chunks_exact_mut(len).for_each(ops::softmax);
-            // SAFETY: (token i, KV head kvh) owns these heads' disjoint slice of `out`.
+            // SAFETY: (token i, these heads) own this disjoint slice of `out`.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(heads.start), heads.len()) };
             o.fill(0.0);
-            for (jj, j) in (start..=pos).enumerate() {
-                let value = &values[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                for (g, oh) in o.chunks_exact_mut(hd).enumerate() {
-                    ops::axpy(s[g * len + jj], value, oh);
-                }
+            for (oh, sh) in o.chunks_exact_mut(hd).zip(s.chunks_exact(len)) {
+                ops::weighted_sum(sh, &values[first..], kvd, oh);
             }
         }
     });

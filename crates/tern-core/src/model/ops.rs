@@ -1,4 +1,4 @@
-//! Element-wise and attention helpers of the decoder, in f32. The dot/axpy inner loops use
+//! Element-wise and attention helpers of the decoder, in f32. The dot and attention loops use
 //! AVX2+FMA when the CPU has it (detected at run time); the scalar versions are the oracle.
 
 use std::sync::OnceLock;
@@ -32,25 +32,94 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// y += alpha * x
-pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { x86::axpy(alpha, x, y) };
-    }
-    axpy_scalar(alpha, x, y)
-}
-
 pub fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (y, x) in y.iter_mut().zip(x) {
         *y += alpha * x;
     }
 }
 
+/// out[j] = scale · dot(q, row j), where row j is `rows[j * stride..][..q.len()]`: the
+/// attention scores of one query head against consecutive cached keys, in one SIMD loop.
+pub fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    assert!(out.is_empty() || (out.len() - 1) * stride + q.len() <= rows.len(), "scaled_dots: rows too short");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && q.len().is_multiple_of(8) {
+        // SAFETY: AVX2+FMA checked; bounds asserted above.
+        return unsafe { x86::scaled_dots(q, rows, stride, scale, out) };
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = scale * dot_scalar(q, &rows[j * stride..j * stride + q.len()]);
+    }
+}
+
+/// out += Σ_j w[j] · row j, where row j is `rows[j * stride..][..out.len()]`: one query
+/// head's attention-weighted sum of consecutive cached values.
+pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+    assert!(w.is_empty() || (w.len() - 1) * stride + out.len() <= rows.len(), "weighted_sum: rows too short");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && out.len().is_multiple_of(8) {
+        // SAFETY: AVX2+FMA checked; bounds asserted above.
+        return unsafe { x86::weighted_sum(w, rows, stride, out) };
+    }
+    for (j, &wj) in w.iter().enumerate() {
+        axpy_scalar(wj, &rows[j * stride..j * stride + out.len()], out);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// Requires q.len() % 8 == 0 and every row in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        let d = q.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            let r = rows.as_ptr().add(j * stride);
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= d {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), _mm256_loadu_ps(r.add(i)), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8)), _mm256_loadu_ps(r.add(i + 8)), a1);
+                i += 16;
+            }
+            if i < d {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), _mm256_loadu_ps(r.add(i)), a0);
+            }
+            let v = _mm256_add_ps(a0, a1);
+            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+            *o = scale * _mm_cvtss_f32(v);
+        }
+    }
+
+    /// Requires out.len() % 8 == 0 and every row in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
+        let d = out.len();
+        let o = out.as_mut_ptr();
+        let mut i = 0;
+        // 32 output values at a time stay in registers while all rows stream past.
+        while i < d {
+            let n = (d - i).min(32) / 8;
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (a, acc) in acc.iter_mut().enumerate().take(n) {
+                *acc = _mm256_loadu_ps(o.add(i + 8 * a));
+            }
+            for (j, &wj) in w.iter().enumerate() {
+                let r = rows.as_ptr().add(j * stride + i);
+                let wv = _mm256_set1_ps(wj);
+                for (a, acc) in acc.iter_mut().enumerate().take(n) {
+                    *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r.add(8 * a)), *acc);
+                }
+            }
+            for (a, acc) in acc.iter().enumerate().take(n) {
+                _mm256_storeu_ps(o.add(i + 8 * a), *acc);
+            }
+            i += 8 * n;
+        }
+    }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -78,22 +147,6 @@ mod x86 {
             i += 1;
         }
         total
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len();
-        let va = _mm256_set1_ps(alpha);
-        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-        let mut i = 0;
-        while i + 8 <= n {
-            _mm256_storeu_ps(py.add(i), _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))));
-            i += 8;
-        }
-        while i < n {
-            y[i] += alpha * x[i];
-            i += 1;
-        }
     }
 }
 
@@ -142,16 +195,35 @@ mod tests {
     use crate::rng::Rng;
 
     #[test]
-    fn simd_dot_and_axpy_match_scalar() {
+    fn attention_loops_match_scalar() {
+        let mut rng = Rng::new(2);
+        for (d, stride, n) in [(64, 192, 37), (128, 256, 5), (8, 8, 1), (40, 48, 9), (12, 12, 3)] {
+            let rows: Vec<f32> = (0..n * stride).map(|_| rng.normal()).collect();
+            let q: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+            let mut got = vec![0.0; n];
+            scaled_dots(&q, &rows, stride, 0.5, &mut got);
+            for (j, g) in got.iter().enumerate() {
+                let want = 0.5 * dot_scalar(&q, &rows[j * stride..j * stride + d]);
+                assert!((g - want).abs() < 1e-4 * (d as f32), "d {d} row {j}: {g} vs {want}");
+            }
+            let w: Vec<f32> = (0..n).map(|_| rng.next_f32()).collect();
+            let mut got = vec![1.0; d];
+            let mut want = vec![1.0; d];
+            weighted_sum(&w, &rows, stride, &mut got);
+            for (j, &wj) in w.iter().enumerate() {
+                axpy_scalar(wj, &rows[j * stride..j * stride + d], &mut want);
+            }
+            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4 * n as f32), "d {d}");
+        }
+    }
+
+    #[test]
+    fn simd_dot_matches_scalar() {
         let mut rng = Rng::new(1);
         for n in [0, 1, 7, 8, 31, 33, 64, 127] {
             let a: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
             let b: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
             assert!((dot(&a, &b) - dot_scalar(&a, &b)).abs() < 1e-4 * (n as f32 + 1.0));
-            let (mut y1, mut y2) = (b.clone(), b.clone());
-            axpy(0.3, &a, &mut y1);
-            axpy_scalar(0.3, &a, &mut y2);
-            assert!(y1.iter().zip(&y2).all(|(p, q)| (p - q).abs() < 1e-6));
         }
     }
 }
