@@ -19,6 +19,10 @@ pub struct BenchArgs {
     /// Tokens generated in the decode test, from an empty context (0 skips it).
     #[arg(long, short = 'n', default_value_t = 128)]
     pub gen_tokens: usize,
+    /// Tokens already in the context before each test (like llama-bench's -d): shows what
+    /// attention over a long context costs.
+    #[arg(long, short = 'd', default_value_t = 0)]
+    pub depth: usize,
     /// Timed repetitions of each test (after one warm-up run).
     #[arg(long, short = 'r', default_value_t = 5)]
     pub repetitions: usize,
@@ -58,28 +62,45 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let threads = a.model.threads()?;
     let mut model = Decoder::new(loaded.weights, threads);
     let cfg = model.config().clone();
-    if a.prompt_tokens + a.gen_tokens > cfg.max_context {
-        bail!("{} + {} tokens exceed the model's context length {}", a.prompt_tokens, a.gen_tokens, cfg.max_context);
+    if a.depth + a.prompt_tokens.max(a.gen_tokens) > cfg.max_context {
+        bail!(
+            "{} + {} tokens exceed the model's context length {}",
+            a.depth,
+            a.prompt_tokens.max(a.gen_tokens),
+            cfg.max_context
+        );
     }
     let mut rng = Rng::new(1);
-    let prompt: Vec<u32> = (0..a.prompt_tokens).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect();
+    let mut random_tokens =
+        |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect() };
+    let context = random_tokens(a.depth);
+    let prompt = random_tokens(a.prompt_tokens);
     let mut logits = Vec::new();
     let mut results = Vec::new();
 
+    // The context (if any) is prefilled once; each run truncates back to it.
+    let prefill_context = |model: &mut Decoder, capacity: usize| -> Result<_> {
+        let mut cache = model.new_cache(a.depth + capacity);
+        if !context.is_empty() {
+            model.forward(&context, &mut cache, LogitsFor::Last, &mut Vec::new())?;
+        }
+        Ok(cache)
+    };
+    let depth_suffix = if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() };
     if a.prompt_tokens > 0 {
-        let mut cache = model.new_cache(a.prompt_tokens);
+        let mut cache = prefill_context(&mut model, a.prompt_tokens)?;
         let rates = measure(a.repetitions, || {
-            cache.truncate(0);
+            cache.truncate(a.depth);
             let t = Instant::now();
             model.forward(&prompt, &mut cache, LogitsFor::Last, &mut logits)?;
             Ok(a.prompt_tokens as f64 / t.elapsed().as_secs_f64())
         })?;
-        results.push(summary(format!("pp{}", a.prompt_tokens), a.prompt_tokens, rates));
+        results.push(summary(format!("pp{}{depth_suffix}", a.prompt_tokens), a.prompt_tokens, rates));
     }
     if a.gen_tokens > 0 {
-        let mut cache = model.new_cache(a.gen_tokens);
+        let mut cache = prefill_context(&mut model, a.gen_tokens)?;
         let rates = measure(a.repetitions, || {
-            cache.truncate(0);
+            cache.truncate(a.depth);
             let mut token = prompt.first().copied().unwrap_or(1);
             let t = Instant::now();
             for _ in 0..a.gen_tokens {
@@ -88,7 +109,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             }
             Ok(a.gen_tokens as f64 / t.elapsed().as_secs_f64())
         })?;
-        results.push(summary(format!("tg{}", a.gen_tokens), a.gen_tokens, rates));
+        results.push(summary(format!("tg{}{depth_suffix}", a.gen_tokens), a.gen_tokens, rates));
     }
     let weight_bytes = model.weights.bytes_per_token();
     let decode_gb_per_s =

@@ -106,6 +106,12 @@ fn hf_directories_and_dummy_weights_run() {
     assert_eq!(v["results"].as_array().unwrap().len(), 2);
     let err = tern_err(&["generate", "--model", tiny.to_str().unwrap(), "--", "hi"]);
     assert!(err.contains("no tokenizer"), "{err}");
+    let out =
+        tern_ok(&["bench", "--model", tiny.to_str().unwrap(), "-p", "4", "-n", "4", "-d", "8", "-r", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["results"][1]["test"], "tg4 @ d8");
+    let err = tern_err(&["bench", "--model", tiny.to_str().unwrap(), "-d", "250", "-p", "8", "-n", "0"]);
+    assert!(err.contains("exceed the model's context length"), "{err}");
 
     let config = format!("dummy:{}", tiny.join("config.json").display());
     for dtype in ["q4_0", "q8_0", "bf16"] {
