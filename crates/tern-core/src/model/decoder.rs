@@ -79,10 +79,6 @@ impl Decoder {
         &self.weights.config
     }
 
-    pub fn n_threads(&self) -> usize {
-        self.pool.n_threads()
-    }
-
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         let c = self.config();
         KvCache::new(c.n_layers, c.n_kv_heads * c.head_dim, capacity)
@@ -207,6 +203,7 @@ fn matmuls(
     n: usize,
     jobs: &mut [(&Matrix, &mut Vec<f32>)],
 ) -> Result<()> {
+    debug_assert!(jobs.len() <= 3, "matmuls takes at most 3 jobs");
     let k = jobs[0].0.cols;
     let mut act_index = [0usize; 3];
     let mut n_quantized = 0;
@@ -220,7 +217,11 @@ fn matmuls(
             }
         };
     }
-    let outs: Vec<(SharedMut, usize)> = jobs.iter_mut().map(|(m, y)| (SharedMut(y.as_mut_ptr()), m.rows)).collect();
+    // Raw output pointers (at most 3 jobs): no allocation on the per-token path.
+    let mut outs = [(SharedMut(std::ptr::null_mut()), 0usize); 3];
+    for (out, (m, y)) in outs.iter_mut().zip(jobs.iter_mut()) {
+        *out = (SharedMut(y.as_mut_ptr()), m.rows);
+    }
     let acts = &*acts;
     let jobs = &*jobs;
     pool.run(|t, nt| {
