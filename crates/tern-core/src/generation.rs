@@ -43,6 +43,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// Cancelled: the client left or the server shut down.
+    Abort,
 }
 
 /// One generated token as it is streamed.

@@ -1,5 +1,6 @@
-//! tern-core: models, kernels, tokenizer, sampling and generation.
+//! tern-core: models, kernels, tokenizer, sampling and generation, and the serving engine.
 pub mod chat_template;
+pub mod engine;
 pub mod generation;
 pub mod gguf;
 pub mod kernels;

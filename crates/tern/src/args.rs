@@ -4,6 +4,7 @@ use crate::{pull, registry};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
+use tern_core::engine::{EngineConfig, DEFAULT_BLOCK_SIZE};
 use tern_core::kernels::DType;
 use tern_core::model::{self, LoadedModel, ModelSource};
 use tern_core::sampling::SamplingParams;
@@ -121,5 +122,84 @@ impl SamplingArgs {
             bail!("--max-tokens must be at least 1");
         }
         Ok(p)
+    }
+}
+
+/// How the serving engine is sized (shared by every command that runs the engine).
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Memory for the KV cache, e.g. 2GiB, 512MiB or bytes (default: 30% of available memory).
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+    /// Most sequences in one engine step.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most tokens (prefill chunks + decode tokens) in one engine step.
+    #[arg(long, default_value_t = 512)]
+    pub max_num_batched_tokens: usize,
+    /// Tokens per KV cache block.
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
+    pub block_size: usize,
+    /// Do not share KV blocks between requests with a common prefix.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+}
+
+impl EngineArgs {
+    pub fn config(&self, n_threads: usize) -> Result<EngineConfig> {
+        for (name, v) in [
+            ("--max-num-seqs", self.max_num_seqs),
+            ("--max-num-batched-tokens", self.max_num_batched_tokens),
+            ("--block-size", self.block_size),
+        ] {
+            if v == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        Ok(EngineConfig {
+            block_size: self.block_size,
+            kv_cache_memory: self.kv_cache_memory.as_deref().map(parse_bytes).transpose()?,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            enable_prefix_caching: !self.no_prefix_caching,
+            n_threads,
+        })
+    }
+}
+
+/// "2GiB", "512MiB", "1.5GB", "4096" (bytes).
+pub fn parse_bytes(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => bail!("cannot read {s:?} as a size (examples: 2GiB, 512MiB, 1e9 bytes as 1000000000)"),
+    };
+    let v: f64 = num.parse().with_context(|| format!("cannot read {s:?} as a size (examples: 2GiB, 512MiB)"))?;
+    if !(v * mult).is_finite() || v * mult < 1.0 {
+        bail!("size {s:?} must be at least one byte");
+    }
+    Ok((v * mult) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("1.5 MB").unwrap(), 1_500_000);
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
     }
 }

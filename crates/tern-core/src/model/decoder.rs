@@ -8,7 +8,7 @@
 
 use crate::kernels::{self, QuantizedActs, ThreadPool};
 use crate::model::config::{ModelConfig, RopeStyle};
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, KvStore};
 use crate::model::ops;
 use crate::model::weights::{Matrix, ModelWeights};
 use anyhow::{bail, Result};
@@ -45,6 +45,8 @@ struct Workspace {
     cos: Vec<f32>,
     sin: Vec<f32>,
     acts: [QuantizedActs; 3],
+    /// Sequence and position of each token of the batch.
+    slots: Vec<Slot>,
     /// Attention scores, one buffer per thread.
     scores: Vec<Mutex<Vec<f32>>>,
 }
@@ -84,8 +86,8 @@ impl Decoder {
         KvCache::new(c.n_layers, c.n_kv_heads * c.head_dim, capacity)
     }
 
-    /// Runs `tokens` at positions `cache.len()..`, appends their K/V to the cache and writes
-    /// logits (`vocab` per requested position, row-major) into `logits`.
+    /// Runs `tokens` at positions `cache.len()..` of a single sequence, appends their K/V to
+    /// the contiguous cache and writes logits (`vocab` per requested position, row-major).
     pub fn forward(
         &mut self,
         tokens: &[u32],
@@ -93,17 +95,33 @@ impl Decoder {
         which: LogitsFor,
         logits: &mut Vec<f32>,
     ) -> Result<()> {
+        let pos0 = cache.len();
+        if pos0 + tokens.len() > cache.capacity() {
+            bail!(
+                "context full: {pos0} cached + {} new tokens exceed the context size {}",
+                tokens.len(),
+                cache.capacity()
+            );
+        }
+        self.forward_batch(&[SeqChunk { seq: 0, tokens, pos0, logits: Some(which) }], cache, logits)?;
+        cache.advance(tokens.len());
+        Ok(())
+    }
+
+    /// One forward pass over a packed batch: every chunk's tokens run at positions
+    /// `pos0..pos0 + len` of its sequence, their K/V are written to `kv`, and logits are written
+    /// for the chunks that ask (row-major, `vocab` per row, in chunk order). Each token's result
+    /// depends only on its own sequence: the kernels do the same arithmetic per row whatever
+    /// the batch holds, so batching never changes outputs.
+    pub fn forward_batch(&mut self, chunks: &[SeqChunk], kv: &mut dyn KvStore, logits: &mut Vec<f32>) -> Result<()> {
         let c = self.weights.config.clone();
-        let n = tokens.len();
+        let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
         if n == 0 {
             bail!("forward called with no tokens");
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        let tokens = chunks.iter().flat_map(|ch| ch.tokens.iter());
+        if let Some(&bad) = tokens.clone().find(|&&t| t as usize >= c.vocab_size) {
             bail!("token id {bad} is out of range for a vocabulary of {}", c.vocab_size);
-        }
-        let pos0 = cache.len();
-        if pos0 + n > cache.capacity() {
-            bail!("context full: {} cached + {n} new tokens exceed the context size {}", pos0, cache.capacity());
         }
         let (d, qd, kvd) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
         let ws = &mut self.ws;
@@ -120,15 +138,19 @@ impl Decoder {
         ] {
             buf.resize(len, 0.0);
         }
-        for (i, &t) in tokens.iter().enumerate() {
+        ws.slots.clear();
+        for ch in chunks {
+            ws.slots.extend((0..ch.tokens.len()).map(|i| Slot { seq: ch.seq, pos: ch.pos0 + i }));
+        }
+        for (i, &t) in tokens.enumerate() {
             self.weights.embed.row_f32(t as usize, &mut ws.x[i * d..(i + 1) * d])?;
         }
         let half = self.inv_freq.len();
         ws.cos.clear();
         ws.sin.clear();
-        for i in 0..n {
+        for slot in &ws.slots {
             for &f in &self.inv_freq {
-                let angle = (pos0 + i) as f32 * f;
+                let angle = slot.pos as f32 * f;
                 ws.cos.push(angle.cos());
                 ws.sin.push(angle.sin());
             }
@@ -148,23 +170,14 @@ impl Decoder {
                     buf.chunks_exact_mut(b.len()).for_each(|row| ops::add_in_place(row, b));
                 }
             }
-            for i in 0..n {
+            for (i, slot) in ws.slots.iter().enumerate() {
                 let (cos, sin) = (&ws.cos[i * half..(i + 1) * half], &ws.sin[i * half..(i + 1) * half]);
                 rope(&mut ws.q[i * qd..(i + 1) * qd], c.head_dim, cos, sin, c.rope_style);
-                rope(&mut ws.k[i * kvd..(i + 1) * kvd], c.head_dim, cos, sin, c.rope_style);
+                let k = &mut ws.k[i * kvd..(i + 1) * kvd];
+                rope(k, c.head_dim, cos, sin, c.rope_style);
+                kv.write(li, slot.seq, slot.pos, k, &ws.v[i * kvd..(i + 1) * kvd]);
             }
-            cache.write(li, pos0, &ws.k, &ws.v);
-            attention(
-                &self.pool,
-                &c,
-                cache.keys(li, pos0 + n),
-                cache.values(li, pos0 + n),
-                &ws.q,
-                pos0,
-                n,
-                &ws.scores,
-                &mut ws.attn,
-            );
+            attention(&self.pool, &c, &*kv, li, &ws.q, &ws.slots, &ws.scores, &mut ws.attn);
             matmuls(&self.pool, &mut ws.acts, &ws.attn, n, &mut [(&layer.wo, &mut ws.proj)])?;
             ops::add_in_place(&mut ws.x, &ws.proj);
 
@@ -180,18 +193,49 @@ impl Decoder {
             matmuls(&self.pool, &mut ws.acts, &ws.gate, n, &mut [(&layer.w_down, &mut ws.proj)])?;
             ops::add_in_place(&mut ws.x, &ws.proj);
         }
-        cache.advance(n);
 
-        let (first, n_out) = match which {
-            LogitsFor::Last => (n - 1, 1),
-            LogitsFor::All => (0, n),
-        };
-        let rows = &ws.x[first * d..];
-        ops::rms_norm(rows, &self.weights.out_norm, c.rms_eps, &mut ws.h[..n_out * d]);
+        // Final norm of the rows that need logits, gathered in chunk order.
+        let mut n_out = 0;
+        let mut first = 0;
+        for ch in chunks {
+            let len = ch.tokens.len();
+            let rows = match ch.logits {
+                None => 0..0,
+                Some(LogitsFor::Last) => first + len - 1..first + len,
+                Some(LogitsFor::All) => first..first + len,
+            };
+            for r in rows {
+                let h = &mut ws.h[n_out * d..(n_out + 1) * d];
+                ops::rms_norm(&ws.x[r * d..(r + 1) * d], &self.weights.out_norm, c.rms_eps, h);
+                n_out += 1;
+            }
+            first += len;
+        }
         logits.resize(n_out * c.vocab_size, 0.0);
-        matmuls(&self.pool, &mut ws.acts, &ws.h[..n_out * d], n_out, &mut [(self.weights.lm_head(), logits)])?;
+        if n_out > 0 {
+            matmuls(&self.pool, &mut ws.acts, &ws.h[..n_out * d], n_out, &mut [(self.weights.lm_head(), logits)])?;
+        }
         Ok(())
     }
+}
+
+/// One sequence's share of a batched forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The sequence's index in the `KvStore`.
+    pub seq: usize,
+    pub tokens: &'a [u32],
+    /// Position of the first token.
+    pub pos0: usize,
+    /// Which of the chunk's positions need logits (None: none).
+    pub logits: Option<LogitsFor>,
+}
+
+/// Where one token of the packed batch belongs.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    seq: usize,
+    pos: usize,
 }
 
 /// y_j = x · W_jᵀ for every (W_j, y_j), all in one parallel region. Activations are quantized
@@ -261,23 +305,26 @@ fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], style: RopeSty
     }
 }
 
-/// Causal grouped-query attention of `n` new queries (positions pos0..pos0+n) over the cached
-/// keys/values `0..pos0+n`, limited to the sliding window when the model has one.
+/// Causal grouped-query attention of each token's query heads (at `slots[i].pos` of sequence
+/// `slots[i].seq`) over its sequence's cached keys/values `0..=pos`, limited to the sliding
+/// window when the model has one. K/V are read block by block from `kv`; scores of a head are
+/// computed into one row, so the result is the same whatever the block size.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     pool: &ThreadPool,
     c: &ModelConfig,
-    keys: &[f32],
-    values: &[f32],
+    kv: &dyn KvStore,
+    layer: usize,
     q: &[f32],
-    pos0: usize,
-    n: usize,
+    slots: &[Slot],
     scores: &[Mutex<Vec<f32>>],
     out: &mut [f32],
 ) {
     let (hd, qd, kvd) = (c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let n = slots.len();
     let group = c.n_heads / c.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
+    let bs = kv.block_size();
     let out_ptr = SharedMut(out.as_mut_ptr());
     // One task per (token, KV head): the query heads sharing that KV head read each key and
     // value once, while it is in L1. With few tokens (decode) that is too few tasks to keep
@@ -291,23 +338,31 @@ fn attention(
             let per_token = c.n_heads / per_task;
             let (i, first_head) = (task / per_token, task % per_token * per_task);
             let kvh = first_head / group;
-            let pos = pos0 + i;
+            let Slot { seq, pos } = slots[i];
             let start = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let len = pos + 1 - start;
+            // The blocks holding positions start..=pos, and each one's share of that range.
+            let spans = (start / bs..=pos / bs).map(|b| {
+                let (lo, hi) = (start.max(b * bs), (pos + 1).min((b + 1) * bs));
+                (b, lo - start..hi - start, (lo - b * bs) * kvd + kvh * hd)
+            });
             let heads = i * qd + first_head * hd..i * qd + (first_head + per_task) * hd;
             let qg = &q[heads.clone()];
             s.clear();
             s.resize(per_task * len, 0.0);
-            let first = start * kvd + kvh * hd;
             for (qh, sh) in qg.chunks_exact(hd).zip(s.chunks_exact_mut(len)) {
-                ops::scaled_dots(qh, &keys[first..], kvd, scale, sh);
+                for (b, range, at) in spans.clone() {
+                    ops::scaled_dots(qh, &kv.kv_block(layer, seq, b).0[at..], kvd, scale, &mut sh[range]);
+                }
             }
             s.chunks_exact_mut(len).for_each(ops::softmax);
             // SAFETY: (token i, these heads) own this disjoint slice of `out`.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(heads.start), heads.len()) };
             o.fill(0.0);
             for (oh, sh) in o.chunks_exact_mut(hd).zip(s.chunks_exact(len)) {
-                ops::weighted_sum(sh, &values[first..], kvd, oh);
+                for (b, range, at) in spans.clone() {
+                    ops::weighted_sum(&sh[range], &kv.kv_block(layer, seq, b).1[at..], kvd, oh);
+                }
             }
         }
     });

@@ -1,6 +1,21 @@
-//! A contiguous per-sequence KV cache: for each layer, keys and values of every cached
-//! position, `kv_dim` floats per position. Pages are committed by the OS as they are written,
-//! so a large capacity costs memory only once used.
+//! Where the decoder keeps keys and values: the `KvStore` interface, and the contiguous
+//! single-sequence cache that serves as its reference implementation (the engine's paged
+//! cache must give the same results).
+
+/// K/V storage for the sequences of a batch, addressed as fixed-size blocks of positions.
+pub trait KvStore: Sync {
+    /// Positions per block.
+    fn block_size(&self) -> usize;
+    /// Keys and values (`block_size × kv_dim` floats each, position-major) of the `block`-th
+    /// block of sequence `seq` at `layer`.
+    fn kv_block(&self, layer: usize, seq: usize, block: usize) -> (&[f32], &[f32]);
+    /// Stores one position's K and V rows.
+    fn write(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]);
+}
+
+/// A contiguous cache for one sequence: for each layer, keys and values of every position,
+/// `kv_dim` floats per position (one block as long as the capacity). Pages are committed by
+/// the OS as they are written, so a large capacity costs memory only once used.
 
 pub struct KvCache {
     keys: Vec<Vec<f32>>,
@@ -38,22 +53,25 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// Stores K/V rows for positions `pos..pos + k.len() / kv_dim` of one layer.
-    pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+impl KvStore for KvCache {
+    fn block_size(&self) -> usize {
+        self.capacity
+    }
+
+    fn kv_block(&self, layer: usize, seq: usize, block: usize) -> (&[f32], &[f32]) {
+        debug_assert!(seq == 0 && block == 0, "a KvCache holds one sequence in one block");
+        (&self.keys[layer], &self.values[layer])
+    }
+
+    fn write(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
+        debug_assert_eq!(seq, 0, "a KvCache holds one sequence");
         let at = pos * self.kv_dim;
         self.keys[layer][at..at + k.len()].copy_from_slice(k);
         self.values[layer][at..at + v.len()].copy_from_slice(v);
-    }
-
-    pub(crate) fn keys(&self, layer: usize, upto: usize) -> &[f32] {
-        &self.keys[layer][..upto * self.kv_dim]
-    }
-
-    pub(crate) fn values(&self, layer: usize, upto: usize) -> &[f32] {
-        &self.values[layer][..upto * self.kv_dim]
-    }
-
-    pub(crate) fn advance(&mut self, n: usize) {
-        self.len += n;
     }
 }

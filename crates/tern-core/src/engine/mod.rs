@@ -1,0 +1,81 @@
+//! The serving engine: many requests share one model through a paged KV cache with prefix
+//! caching, an iteration-level scheduler (continuous batching, chunked prefill, preemption by
+//! recompute) and one batched forward pass per step. It runs on its own thread; front ends
+//! (CLI, server, benchmarks) submit requests through an `EngineHandle` and read each request's
+//! token events from its `RequestStream`.
+
+mod block_manager;
+mod core;
+mod handle;
+pub mod metrics;
+mod paged_kv;
+mod scheduler;
+mod sequence;
+
+pub use handle::{EngineHandle, RequestStream, SubmitError};
+pub use metrics::Metrics;
+
+use crate::generation::FinishReason;
+use crate::sampling::TokenLogprob;
+use std::time::Duration;
+
+/// Tokens per KV block unless configured otherwise (as vLLM).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+/// Share of the memory available at start-up that the KV pool takes when no size is given.
+pub const DEFAULT_KV_MEMORY_FRACTION: f64 = 0.3;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Bytes for the KV block pool; None: `DEFAULT_KV_MEMORY_FRACTION` of available memory.
+    pub kv_cache_memory: Option<u64>,
+    /// Most sequences scheduled in one step.
+    pub max_num_seqs: usize,
+    /// Most tokens (prefill chunks + decode tokens) in one step.
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    /// Worker threads of the forward pass.
+    pub n_threads: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size: DEFAULT_BLOCK_SIZE,
+            kv_cache_memory: None,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 512,
+            enable_prefix_caching: true,
+            n_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// What a request's stream carries, in order: tokens, then exactly one `Finished` or `Error`.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A generated token and the text it completes (may be empty while a character or a stop
+    /// string is pending). `id` is None for the final flush of held-back text.
+    Token {
+        id: Option<u32>,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
+    Finished(Finished),
+    /// The engine failed while running this request.
+    Error(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache (not computed for this request).
+    pub cached_tokens: usize,
+    /// From submission to the first generated token.
+    pub time_to_first_token: Duration,
+    /// From submission to the end.
+    pub total_time: Duration,
+}

@@ -1,0 +1,198 @@
+//! One request inside the engine: its tokens, how far its KV is computed, its block table,
+//! and the per-request output state (sampler, stop strings, streaming detokenizer, events).
+
+use super::block_manager::{block_hash, BlockManager};
+use super::metrics::Metrics;
+use super::{Event, Finished};
+use crate::generation::{FinishReason, GenerateRequest};
+use crate::sampling::{logprobs, Sampler};
+use crate::stop::StopChecker;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use anyhow::Result;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+pub(crate) struct Sequence {
+    pub id: u64,
+    /// Prompt, then generated tokens.
+    pub tokens: Vec<u32>,
+    pub n_prompt: usize,
+    /// Positions whose K/V are in the cache.
+    pub num_computed: usize,
+    pub table: Vec<u32>,
+    /// Chained hashes of the first full blocks of `table` (those shared or registered).
+    pub hashes: Vec<u64>,
+    /// Prompt tokens taken from the prefix cache at the first admission.
+    pub cached_tokens: usize,
+    pub admitted: bool,
+    req: GenerateRequest,
+    sampler: Sampler,
+    stops: StopChecker,
+    detok: StreamDecoder,
+    events: UnboundedSender<Event>,
+    submitted: Instant,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl Sequence {
+    pub(crate) fn new(id: u64, mut req: GenerateRequest, vocab: usize, events: UnboundedSender<Event>) -> Result<Self> {
+        let tokens = std::mem::take(&mut req.prompt_ids);
+        let sampler = Sampler::new(req.sampling.clone(), &tokens, vocab)?;
+        Ok(Sequence {
+            id,
+            n_prompt: tokens.len(),
+            tokens,
+            num_computed: 0,
+            table: Vec::new(),
+            hashes: Vec::new(),
+            cached_tokens: 0,
+            admitted: false,
+            stops: StopChecker::new(&req.stop),
+            req,
+            sampler,
+            detok: StreamDecoder::new(true),
+            events,
+            submitted: Instant::now(),
+            first_token: None,
+            last_token: None,
+        })
+    }
+
+    pub(crate) fn n_output(&self) -> usize {
+        self.tokens.len() - self.n_prompt
+    }
+
+    /// Tokens not yet run through the model.
+    pub(crate) fn remaining(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// Takes the longest cached prefix of full blocks, leaving at least one token to compute
+    /// (its logits give the next token). Returns the number of tokens found.
+    pub(crate) fn acquire_prefix(&mut self, blocks: &mut BlockManager, bs: usize) -> usize {
+        debug_assert!(self.table.is_empty() && self.num_computed == 0);
+        for j in 0..(self.tokens.len() - 1) / bs {
+            let toks = &self.tokens[j * bs..(j + 1) * bs];
+            let parent = self.hashes.last().copied();
+            let h = block_hash(parent, toks);
+            match blocks.acquire_cached(h, parent, toks) {
+                Some(b) => {
+                    self.table.push(b);
+                    self.hashes.push(h);
+                }
+                None => break,
+            }
+        }
+        self.num_computed = self.table.len() * bs;
+        self.num_computed
+    }
+
+    /// Allocates blocks so that `upto` positions fit; all or nothing.
+    pub(crate) fn reserve(&mut self, blocks: &mut BlockManager, bs: usize, upto: usize) -> bool {
+        let need = upto.div_ceil(bs).saturating_sub(self.table.len());
+        if need > blocks.n_available() {
+            return false;
+        }
+        for _ in 0..need {
+            self.table.push(blocks.allocate().expect("counted available blocks"));
+        }
+        true
+    }
+
+    /// Marks `n` more positions computed and offers newly full blocks to the prefix cache.
+    pub(crate) fn advance(&mut self, n: usize, blocks: &mut BlockManager, bs: usize) {
+        self.num_computed += n;
+        while self.hashes.len() < self.num_computed / bs {
+            let j = self.hashes.len();
+            let toks = &self.tokens[j * bs..(j + 1) * bs];
+            let parent = self.hashes.last().copied();
+            let h = block_hash(parent, toks);
+            blocks.register(self.table[j], h, parent, toks);
+            self.hashes.push(h);
+        }
+    }
+
+    /// Gives back every block and forgets the computed KV (preemption: recomputed later).
+    pub(crate) fn free_blocks(&mut self, blocks: &mut BlockManager) {
+        blocks.release_all(&mut self.table);
+        self.hashes.clear();
+        self.num_computed = 0;
+    }
+
+    /// Samples the next token from this sequence's logits and streams it. Returns why the
+    /// sequence ends, if it does.
+    pub(crate) fn on_logits(
+        &mut self,
+        logits: &mut [f32],
+        tok: Option<&Tokenizer>,
+        metrics: &Metrics,
+    ) -> Result<Option<FinishReason>> {
+        // Logprobs are of the raw model distribution, before penalties and temperature.
+        let raw = self.req.logprobs.map(|n| (logits.to_vec(), n));
+        let token = self.sampler.sample(logits);
+        let logprob = raw.map(|(raw, n)| logprobs(&raw, token, n));
+        self.sampler.accept(token);
+        let now = Instant::now();
+        match self.last_token {
+            None => metrics.observe_ttft(now - self.submitted),
+            Some(t) => metrics.observe_itl(now - t),
+        }
+        self.first_token.get_or_insert(now);
+        self.last_token = Some(now);
+        let is_stop_token = !self.req.ignore_eos
+            && (tok.is_some_and(|t| t.is_stop_token(token)) || self.req.stop_token_ids.contains(&token));
+        if is_stop_token {
+            return Ok(Some(FinishReason::Stop));
+        }
+        self.tokens.push(token);
+        metrics.generation_tokens.fetch_add(1, Relaxed);
+        let delta = match tok {
+            Some(t) => self.detok.push(t, token)?,
+            None => String::new(),
+        };
+        let (text, hit) = self.stops.push(&delta);
+        self.send(Event::Token { id: Some(token), text, logprob });
+        if hit {
+            return Ok(Some(FinishReason::Stop));
+        }
+        Ok((self.n_output() >= self.req.max_tokens).then_some(FinishReason::Length))
+    }
+
+    /// Streams any held-back text and the final event.
+    pub(crate) fn finish(&mut self, reason: FinishReason, tok: Option<&Tokenizer>) {
+        if reason != FinishReason::Abort && !self.stops.matched() {
+            let held = match tok {
+                Some(t) => self.detok.flush(t).unwrap_or_default(),
+                None => String::new(),
+            };
+            let tail = self.stops.finish(&held);
+            if !tail.is_empty() {
+                self.send(Event::Token { id: None, text: tail, logprob: None });
+            }
+        }
+        let now = Instant::now();
+        self.send(Event::Finished(Finished {
+            reason,
+            prompt_tokens: self.n_prompt,
+            completion_tokens: self.n_output(),
+            cached_tokens: self.cached_tokens,
+            time_to_first_token: self.first_token.unwrap_or(now) - self.submitted,
+            total_time: now - self.submitted,
+        }));
+    }
+
+    pub(crate) fn fail(&mut self, message: String) {
+        self.send(Event::Error(message));
+    }
+
+    /// False once the receiver is gone (the client left): the engine then cancels.
+    pub(crate) fn is_listening(&self) -> bool {
+        !self.events.is_closed()
+    }
+
+    fn send(&self, ev: Event) {
+        let _ = self.events.send(ev);
+    }
+}
