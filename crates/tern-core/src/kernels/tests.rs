@@ -189,6 +189,17 @@ fn check_dtype(dtype: DType, ks: &[usize]) {
                         "{dtype} {level:?} k={k} n_out={n_out} n_acts={n_acts} at {j}: {a} vs {b}"
                     );
                 }
+                // Batch invariance: a row alone gives bit for bit what it gives inside the batch.
+                for i in 0..n_acts {
+                    let mut one = QuantizedActs::new();
+                    one.quantize(dtype, &x[i * k..(i + 1) * k], 1, k).unwrap();
+                    let alone = run_level(level, dtype, &w, k, n_out, &one);
+                    let in_batch = &y[i * n_out..(i + 1) * n_out];
+                    assert!(
+                        alone.iter().zip(in_batch).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype} {level:?} k={k} n_acts={n_acts}: row {i} alone {alone:?} != in batch {in_batch:?}"
+                    );
+                }
             }
         }
     }

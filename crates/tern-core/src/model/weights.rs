@@ -72,6 +72,7 @@ impl Matrix {
     }
 }
 
+#[derive(Clone)]
 pub struct LayerWeights {
     pub attn_norm: Vec<f32>,
     pub wq: Matrix,
@@ -106,6 +107,7 @@ pub struct TensorNames {
     pub lm_head: &'static str,
 }
 
+#[derive(Clone)]
 pub struct ModelWeights {
     pub config: ModelConfig,
     pub embed: Matrix,

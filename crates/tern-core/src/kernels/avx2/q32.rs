@@ -128,12 +128,11 @@ pub(crate) unsafe fn tile<T: Q32>(m: &Mm, r0: usize, nr: usize, acts: Range<usiz
     }
 }
 
-/// R weight rows × C activation rows: each weight block is unpacked once for C rows.
+/// R weight rows × C activation rows: each weight block is unpacked once for C rows. Every
+/// output is accumulated exactly as `decode` does (8 float lanes over the blocks, then a
+/// horizontal sum), so a row's result never depends on the rest of the batch.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_rc<T: Q32, const R: usize, const C: usize>(m: &Mm, r0: usize, c0: usize) {
-    if C == 4 {
-        return tile_r4::<T, R>(m, r0, c0);
-    }
     let k = m.k;
     let nb = k / QK;
     let a = m.acts;
@@ -180,62 +179,6 @@ unsafe fn tile_rc<T: Q32, const R: usize, const C: usize>(m: &Mm, r0: usize, c0:
     for r in 0..R {
         for c in 0..C {
             *m.y.add((c0 + c) * m.ldy + r0 + r) = hsum(acc[r][c]) + corr[r][c];
-        }
-    }
-}
-
-/// R weight rows × 4 activation rows, the full prefill tile. The four int32 block sums of a
-/// weight row are folded into one vector with two `vphaddd` levels, so the float work per
-/// block (convert, scale by d_w·d_a, accumulate, min correction) is done once per weight row
-/// for all four activation rows instead of once per pair.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile_r4<T: Q32, const R: usize>(m: &Mm, r0: usize, c0: usize) {
-    let k = m.k;
-    let nb = k / QK;
-    let a = m.acts;
-    let wp: [*const u8; R] = std::array::from_fn(|r| m.w.add((r0 + r) * m.row_bytes));
-    let ap: [*const i8; 4] = std::array::from_fn(|c| a.qs.as_ptr().add((c0 + c) * k));
-    let dp: [*const f32; 4] = std::array::from_fn(|c| a.d.as_ptr().add((c0 + c) * nb));
-    let sp: [*const f32; 4] = std::array::from_fn(|c| a.s.as_ptr().add((c0 + c) * nb));
-    let ones = _mm256_set1_epi16(1);
-    // Lanes 0-3 and 4-7 each hold partial sums for activation rows c0..c0+4.
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut corr = [_mm_setzero_ps(); R];
-    for b in 0..nb {
-        let av: [__m256i; 4] = std::array::from_fn(|c| _mm256_loadu_si256(ap[c].add(b * QK) as *const __m256i));
-        let da = _mm_setr_ps(*dp[0].add(b), *dp[1].add(b), *dp[2].add(b), *dp[3].add(b));
-        let da = _mm256_set_m128(da, da);
-        let sa = if T::SIGNED {
-            _mm_setzero_ps()
-        } else {
-            _mm_setr_ps(*sp[0].add(b), *sp[1].add(b), *sp[2].add(b), *sp[3].add(b))
-        };
-        for r in 0..R {
-            let blk = wp[r].add(b * T::BYTES);
-            let q = T::q(blk);
-            let (dw, mw) = T::scale_min(blk);
-            let qa = if T::SIGNED { _mm256_sign_epi8(q, q) } else { q };
-            let sums: [__m256i; 4] = std::array::from_fn(|c| {
-                let p = if T::SIGNED {
-                    _mm256_maddubs_epi16(qa, _mm256_sign_epi8(av[c], q))
-                } else {
-                    _mm256_maddubs_epi16(q, av[c])
-                };
-                _mm256_madd_epi16(p, ones)
-            });
-            let s = _mm256_hadd_epi32(_mm256_hadd_epi32(sums[0], sums[1]), _mm256_hadd_epi32(sums[2], sums[3]));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(_mm256_set1_ps(dw), da), acc[r]);
-            if !T::SIGNED {
-                corr[r] = _mm_fmadd_ps(_mm_set1_ps(mw), sa, corr[r]);
-            }
-        }
-    }
-    for r in 0..R {
-        let v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(v, corr[r]));
-        for (c, value) in out.into_iter().enumerate() {
-            *m.y.add((c0 + c) * m.ldy + r0 + r) = value;
         }
     }
 }
