@@ -1,12 +1,14 @@
 //! `tern generate` and `tern chat`.
 
-use crate::args::{ModelArgs, SamplingArgs};
-use anyhow::{Context, Result};
+use crate::args::{EngineArgs, ModelArgs, SamplingArgs};
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde::Serialize;
 use std::io::{BufRead, Write};
 use tern_core::chat_template::{ChatMessage, ChatTemplate};
-use tern_core::generation::{generate, GenerateRequest};
-use tern_core::model::decoder::Decoder;
+use tern_core::engine::{EngineHandle, Event, Finished, MAX_TOP_LOGPROBS};
+use tern_core::generation::{FinishReason, GenerateRequest};
+use tern_core::sampling::TokenLogprob;
 use tern_core::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
@@ -15,6 +17,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     pub chat: bool,
@@ -36,8 +40,53 @@ pub struct ChatArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[arg(long)]
     pub system: Option<String>,
+}
+
+/// What `generate --json` prints.
+#[derive(Serialize)]
+struct Output {
+    prompt_ids: Vec<u32>,
+    output_ids: Vec<u32>,
+    text: String,
+    finish_reason: FinishReason,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    logprobs: Vec<TokenLogprob>,
+    #[serde(skip)]
+    finished: Option<Finished>,
+}
+
+/// Runs one request through the engine, passing each text delta to `on_text`.
+fn run_request(engine: &EngineHandle, req: GenerateRequest, mut on_text: impl FnMut(&str)) -> Result<Output> {
+    let mut out = Output {
+        prompt_ids: req.prompt_ids.clone(),
+        output_ids: Vec::new(),
+        text: String::new(),
+        finish_reason: FinishReason::Length,
+        logprobs: Vec::new(),
+        finished: None,
+    };
+    let mut stream = engine.submit(req)?;
+    loop {
+        match stream.blocking_next() {
+            Some(Event::Token { id, text, logprob }) => {
+                out.output_ids.extend(id);
+                out.logprobs.extend(logprob);
+                on_text(&text);
+                out.text.push_str(&text);
+            }
+            Some(Event::Finished(f)) => {
+                out.finish_reason = f.reason;
+                out.finished = Some(f);
+                return Ok(out);
+            }
+            Some(Event::Error(e)) => bail!("{e}"),
+            None => bail!("the engine stopped unexpectedly"),
+        }
+    }
 }
 
 fn chat_template(tok: &Tokenizer) -> Result<ChatTemplate> {
@@ -53,14 +102,13 @@ fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// As OpenAI's `top_logprobs`.
-const MAX_TOP_LOGPROBS: usize = 20;
-
 pub fn run_generate(a: GenerateArgs) -> Result<()> {
     let params = a.sampling.params()?;
     if a.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-        anyhow::bail!("--logprobs must be at most {MAX_TOP_LOGPROBS}");
+        bail!("--logprobs must be at most {MAX_TOP_LOGPROBS}");
     }
+    let threads = a.model.threads()?;
+    let engine_config = a.engine.config(threads)?;
     let loaded = a.model.load()?;
     let tok = loaded.tokenizer.context("this model has no tokenizer: generate needs one")?;
     let prompt_ids = if a.chat {
@@ -73,7 +121,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&a.prompt, true)?
     };
-    let mut model = Decoder::new(loaded.weights, a.model.threads()?);
+    let engine = EngineHandle::start(loaded.weights, Some(tok), engine_config)?;
     let req = GenerateRequest {
         stop: a.sampling.stop.clone(),
         ignore_eos: a.sampling.ignore_eos,
@@ -81,30 +129,32 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
         ..GenerateRequest::new(prompt_ids, a.sampling.max_tokens, params)
     };
     let stdout = std::io::stdout();
-    let out = generate(&mut model, &tok, &req, |ev| {
+    let out = run_request(&engine, req, |text| {
         if !a.json {
             let mut s = stdout.lock();
-            let _ = s.write_all(ev.text.as_bytes());
+            let _ = s.write_all(text.as_bytes());
             let _ = s.flush();
         }
     })?;
+    let f = out.finished.clone().expect("finished");
+    let decode = f.total_time - f.time_to_first_token;
     if a.json {
         let n_out = out.output_ids.len();
         let mut v = serde_json::to_value(&out)?;
         v["usage"] = serde_json::json!({ "prompt_tokens": out.prompt_ids.len(), "completion_tokens": n_out });
         v["timings"] = serde_json::json!({
-            "prefill_ms": out.prefill_time.as_secs_f64() * 1e3,
-            "decode_ms": out.decode_time.as_secs_f64() * 1e3,
+            "prefill_ms": f.time_to_first_token.as_secs_f64() * 1e3,
+            "decode_ms": decode.as_secs_f64() * 1e3,
         });
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!();
         eprintln!(
-            "[{} prompt tokens in {:.0} ms, {} tokens at {:.1} tok/s, finish: {:?}]",
+            "[{} prompt tokens, first token after {:.0} ms, {} tokens at {:.1} tok/s, finish: {:?}]",
             out.prompt_ids.len(),
-            out.prefill_time.as_secs_f64() * 1e3,
+            f.time_to_first_token.as_secs_f64() * 1e3,
             out.output_ids.len(),
-            out.output_ids.len() as f64 / out.decode_time.as_secs_f64().max(1e-9),
+            out.output_ids.len().saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9),
             out.finish_reason
         );
     }
@@ -116,7 +166,9 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
     let loaded = a.model.load()?;
     let tok = loaded.tokenizer.context("this model has no tokenizer: chat needs one")?;
     chat_template(&tok)?;
-    let mut model = Decoder::new(loaded.weights, a.model.threads()?);
+    let engine_config = a.engine.config(a.model.threads()?)?;
+    // Each turn re-sends the whole conversation; the prefix cache keeps the earlier turns' KV.
+    let engine = EngineHandle::start(loaded.weights, Some(tok.clone()), engine_config)?;
     let system: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let mut messages = system.clone();
     let stdin = std::io::stdin();
@@ -144,8 +196,8 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
             stop: a.sampling.stop.clone(),
             ..GenerateRequest::new(prompt_ids, a.sampling.max_tokens, params.clone())
         };
-        let result = generate(&mut model, &tok, &req, |ev| {
-            let _ = stdout.write_all(ev.text.as_bytes());
+        let result = run_request(&engine, req, |text| {
+            let _ = stdout.write_all(text.as_bytes());
             let _ = stdout.flush();
         });
         println!();

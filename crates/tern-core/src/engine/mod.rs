@@ -12,6 +12,7 @@ mod paged_kv;
 mod scheduler;
 mod sequence;
 
+pub use self::core::MAX_TOP_LOGPROBS;
 pub use handle::{EngineHandle, RequestStream, SubmitError};
 pub use metrics::Metrics;
 
