@@ -1,16 +1,23 @@
-//! `tern bench`: prefill and decode throughput (like llama-bench's pp/tg tests) and peak RSS.
+//! `tern bench`: prefill and decode throughput (like llama-bench's pp/tg tests) through the
+//! engine, and peak RSS.
 
 use crate::args::ModelArgs;
-use anyhow::{bail, Result};
-use clap::Args;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
 use serde::Serialize;
-use std::time::Instant;
-use tern_core::model::decoder::{Decoder, LogitsFor};
+use std::time::{Duration, Instant};
+use tern_core::engine::{EngineConfig, EngineHandle, Event, DEFAULT_BLOCK_SIZE};
+use tern_core::generation::GenerateRequest;
 use tern_core::rng::Rng;
-use tern_core::sampling::argmax;
+use tern_core::sampling::SamplingParams;
 
+/// Without a subcommand: a model-level benchmark of prefill and decode speed.
+/// `tern bench serve` instead loads a running server with concurrent requests.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt length of the prefill test (0 skips it).
@@ -29,6 +36,13 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Load an OpenAI-compatible server (`tern serve`) with streaming completions of random
+    /// token-id prompts; report throughput, TTFT, inter-token latency and prefix-cache deltas.
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Serialize)]
@@ -55,14 +69,18 @@ struct Report {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if let Some(BenchCommand::Serve(s)) = a.command {
+        return crate::bench_serve::run(s);
+    }
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
     let loaded = a.model.load()?;
     let threads = a.model.threads()?;
-    let mut model = Decoder::new(loaded.weights, threads);
-    let cfg = model.config().clone();
-    if a.depth + a.prompt_tokens.max(a.gen_tokens) > cfg.max_context {
+    let cfg = loaded.weights.config.clone();
+    let (weight_bytes, total_bytes) = (loaded.weights.bytes_per_token(), loaded.weights.total_bytes());
+    let longest = a.depth + a.prompt_tokens.max(a.gen_tokens + 1);
+    if longest > cfg.max_context {
         bail!(
             "{} + {} tokens exceed the model's context length {}",
             a.depth,
@@ -70,55 +88,51 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cfg.max_context
         );
     }
+    // Runs go through the engine, one request at a time: a pool for the context plus two
+    // runs, and a step budget that prefills each prompt in one pass.
+    let per_token = (cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4) as u64;
+    let engine_config = EngineConfig {
+        kv_cache_memory: Some(per_token * (2 * longest as u64 + 4 * DEFAULT_BLOCK_SIZE as u64)),
+        max_num_batched_tokens: longest.max(1),
+        n_threads: threads,
+        ..EngineConfig::default()
+    };
+    let engine = EngineHandle::start(loaded.weights, loaded.tokenizer, engine_config)?;
     let mut rng = Rng::new(1);
     let mut random_tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect() };
     let context = random_tokens(a.depth);
-    let prompt = random_tokens(a.prompt_tokens);
-    let mut logits = Vec::new();
     let mut results = Vec::new();
-
-    // The context (if any) is prefilled once; each run truncates back to it.
-    let prefill_context = |model: &mut Decoder, capacity: usize| -> Result<_> {
-        let mut cache = model.new_cache(a.depth + capacity);
-        if !context.is_empty() {
-            model.forward(&context, &mut cache, LogitsFor::Last, &mut Vec::new())?;
-        }
-        Ok(cache)
-    };
+    // The context's KV is computed once and reused through the prefix cache.
+    if !context.is_empty() {
+        run_request(&engine, context.clone(), 1)?;
+    }
     let depth_suffix = if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() };
     if a.prompt_tokens > 0 {
-        let mut cache = prefill_context(&mut model, a.prompt_tokens)?;
         let rates = measure(a.repetitions, || {
-            cache.truncate(a.depth);
-            let t = Instant::now();
-            model.forward(&prompt, &mut cache, LogitsFor::Last, &mut logits)?;
-            Ok(a.prompt_tokens as f64 / t.elapsed().as_secs_f64())
+            // Fresh tokens every run, so the prompt itself is never a cache hit.
+            let prompt = [context.as_slice(), &random_tokens(a.prompt_tokens)].concat();
+            let run = run_request(&engine, prompt, 1)?;
+            Ok(a.prompt_tokens as f64 / run.time_to_first_token.as_secs_f64())
         })?;
         results.push(summary(format!("pp{}{depth_suffix}", a.prompt_tokens), a.prompt_tokens, rates));
     }
     if a.gen_tokens > 0 {
-        let mut cache = prefill_context(&mut model, a.gen_tokens)?;
         let rates = measure(a.repetitions, || {
-            cache.truncate(a.depth);
-            let mut token = prompt.first().copied().unwrap_or(1);
-            let t = Instant::now();
-            for _ in 0..a.gen_tokens {
-                model.forward(&[token], &mut cache, LogitsFor::Last, &mut logits)?;
-                token = argmax(&logits);
-            }
-            Ok(a.gen_tokens as f64 / t.elapsed().as_secs_f64())
+            let prompt = [context.as_slice(), &random_tokens(1)].concat();
+            // The first token comes from the prompt's pass; the next gen_tokens are decode steps.
+            let run = run_request(&engine, prompt, a.gen_tokens + 1)?;
+            Ok(a.gen_tokens as f64 / run.decode_time.as_secs_f64())
         })?;
         results.push(summary(format!("tg{}{depth_suffix}", a.gen_tokens), a.gen_tokens, rates));
     }
-    let weight_bytes = model.weights.bytes_per_token();
     let decode_gb_per_s =
         results.iter().find(|r| r.test.starts_with("tg")).map(|r| r.tok_per_s_median * weight_bytes as f64 / 1e9);
     let report = Report {
         model: a.model.model.clone(),
         arch: cfg.arch.name(),
         params: cfg.n_params(),
-        weight_bytes: model.weights.total_bytes(),
+        weight_bytes: total_bytes,
         threads,
         cpu: tern_core::kernels::cpu_level().name(),
         results,
@@ -150,6 +164,34 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("peak RSS {rss:.0} MiB");
     }
     Ok(())
+}
+
+struct Run {
+    time_to_first_token: Duration,
+    /// From the first generated token to the last.
+    decode_time: Duration,
+}
+
+/// One greedy request of fixed length, timed at the client side of the stream.
+fn run_request(engine: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Result<Run> {
+    let req = GenerateRequest { ignore_eos: true, ..GenerateRequest::new(prompt, max_tokens, SamplingParams::greedy()) };
+    let start = Instant::now();
+    let mut stream = engine.submit(req)?;
+    let (mut first, mut last) = (None, start);
+    loop {
+        match stream.blocking_next() {
+            Some(Event::Token { id: Some(_), .. }) => {
+                last = Instant::now();
+                first.get_or_insert(last);
+            }
+            Some(Event::Token { .. }) => {}
+            Some(Event::Finished(_)) => break,
+            Some(Event::Error(e)) => bail!("{e}"),
+            None => bail!("the engine stopped unexpectedly"),
+        }
+    }
+    let first = first.context("no token was generated")?;
+    Ok(Run { time_to_first_token: first - start, decode_time: last - first })
 }
 
 /// One untimed warm-up, then `reps` timed runs.

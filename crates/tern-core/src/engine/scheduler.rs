@@ -109,3 +109,64 @@ impl Scheduler {
         self.waiting.remove(i)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::GenerateRequest;
+    use crate::sampling::SamplingParams;
+
+    fn seq(id: u64, prompt_len: usize) -> Sequence {
+        let req = GenerateRequest::new(
+            (0..prompt_len as u32).map(|t| t + 100 * id as u32).collect(),
+            8,
+            SamplingParams::greedy(),
+        );
+        Sequence::new(id, req, 1000, tokio::sync::mpsc::unbounded_channel().0).unwrap()
+    }
+
+    /// Runs the scheduled work as the engine would (a sampled token when a chunk reaches the end).
+    fn run(s: &mut Scheduler, blocks: &mut BlockManager, batch: &[Scheduled]) {
+        for b in batch {
+            let seq = s.running.iter_mut().find(|q| q.id == b.id).unwrap();
+            seq.advance(b.n_new, blocks, 4);
+            if seq.remaining() == 0 {
+                seq.tokens.push(7);
+            }
+        }
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_beside_decodes() {
+        let metrics = Metrics::default();
+        let mut blocks = BlockManager::new(64, true);
+        let mut s = Scheduler::new(8, 32, 4);
+        s.waiting.push_back(seq(1, 10));
+        s.waiting.push_back(seq(2, 100));
+        let step1 = s.schedule(&mut blocks, &metrics);
+        assert_eq!(step1, [Scheduled { id: 1, n_new: 10 }, Scheduled { id: 2, n_new: 22 }]);
+        run(&mut s, &mut blocks, &step1);
+        // Sequence 1 decodes (first), sequence 2 continues its prompt with the rest of the budget.
+        let step2 = s.schedule(&mut blocks, &metrics);
+        assert_eq!(step2, [Scheduled { id: 1, n_new: 1 }, Scheduled { id: 2, n_new: 31 }]);
+    }
+
+    #[test]
+    fn the_newest_sequence_is_preempted_when_blocks_run_out() {
+        let metrics = Metrics::default();
+        // 6 blocks of 4 positions: two 12-token prompts fill them.
+        let mut blocks = BlockManager::new(6, false);
+        let mut s = Scheduler::new(8, 64, 4);
+        s.waiting.push_back(seq(1, 12));
+        s.waiting.push_back(seq(2, 12));
+        let step1 = s.schedule(&mut blocks, &metrics);
+        assert_eq!(step1.len(), 2);
+        run(&mut s, &mut blocks, &step1);
+        // Both need a 4th block for their 13th position: the newer one (2) yields.
+        let step2 = s.schedule(&mut blocks, &metrics);
+        assert_eq!(step2, [Scheduled { id: 1, n_new: 1 }]);
+        assert_eq!(metrics.preemptions.load(Relaxed), 1);
+        assert_eq!(s.waiting.front().map(|q| (q.id, q.num_computed, q.tokens.len())), Some((2, 0, 13)));
+        assert!(s.waiting.front().unwrap().table.is_empty(), "its blocks were freed");
+    }
+}
