@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod bench_serve;
 mod generate;
 mod pull;
 mod registry;
