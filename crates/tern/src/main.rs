@@ -6,6 +6,7 @@ mod bench_serve;
 mod generate;
 mod pull;
 mod registry;
+mod serve;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -42,6 +43,8 @@ enum Command {
     },
     /// Measure prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (completions, chat, tokenize, metrics).
+    Serve(serve::ServeArgs),
 }
 
 fn main() {
@@ -86,5 +89,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => bench::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
