@@ -174,7 +174,8 @@ struct Run {
 
 /// One greedy request of fixed length, timed at the client side of the stream.
 fn run_request(engine: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Result<Run> {
-    let req = GenerateRequest { ignore_eos: true, ..GenerateRequest::new(prompt, max_tokens, SamplingParams::greedy()) };
+    let req =
+        GenerateRequest { ignore_eos: true, ..GenerateRequest::new(prompt, max_tokens, SamplingParams::greedy()) };
     let start = Instant::now();
     let mut stream = engine.submit(req)?;
     let (mut first, mut last) = (None, start);

@@ -16,7 +16,6 @@ pub trait KvStore: Sync {
 /// A contiguous cache for one sequence: for each layer, keys and values of every position,
 /// `kv_dim` floats per position (one block as long as the capacity). Pages are committed by
 /// the OS as they are written, so a large capacity costs memory only once used.
-
 pub struct KvCache {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
