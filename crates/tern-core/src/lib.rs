@@ -1,5 +1,7 @@
 //! tern-core: models, kernels, tokenizer, sampling and generation, and the serving engine.
 pub mod chat_template;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod generation;
 pub mod gguf;

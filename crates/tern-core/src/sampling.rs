@@ -110,6 +110,12 @@ impl Sampler {
         }
     }
 
+    /// Greedy with no penalties: the token is the argmax of the raw logits.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        p.is_greedy() && p.repetition_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0
+    }
+
     /// Picks the next token; `logits` are modified in place (penalties, temperature).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);

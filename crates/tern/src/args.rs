@@ -4,10 +4,11 @@ use crate::{pull, registry};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use tern_core::engine::{EngineConfig, DEFAULT_BLOCK_SIZE};
+use tern_core::engine::{Device, EngineConfig, DEFAULT_BLOCK_SIZE};
 use tern_core::kernels::DType;
-use tern_core::model::{self, LoadedModel, ModelSource};
+use tern_core::model::{self, LoadedModel, ModelSource, Weights};
 use tern_core::sampling::SamplingParams;
+use tern_core::tokenizer::Tokenizer;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -21,6 +22,13 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// Where the model runs: cpu, cuda (GPU 0) or cuda:N (needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Tokenizer to use instead of the model's (needed by dummy weights to serve text): a
+    /// known model key, a .gguf file, or a directory with tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
 }
 
 impl ModelArgs {
@@ -48,6 +56,36 @@ impl ModelArgs {
         model::load(&self.source()?)
     }
 
+    pub fn device(&self) -> Result<Device> {
+        Device::parse(&self.device)
+    }
+
+    /// The tokenizer alone: `--tokenizer`, else the model's own.
+    pub fn tokenizer(&self) -> Result<Option<Tokenizer>> {
+        match &self.tokenizer {
+            Some(spec) => Ok(Some(load_tokenizer(spec)?)),
+            None => Ok(self.load()?.tokenizer),
+        }
+    }
+
+    /// The weights for an engine on `--device` (dummy weights are left for the GPU to make)
+    /// and the tokenizer (`--tokenizer`, else the model's own).
+    pub fn weights(&self) -> Result<(Weights, Option<Tokenizer>)> {
+        let (weights, tokenizer) = match (self.source()?, self.device()?) {
+            (ModelSource::Dummy { config, dtype, seed }, Device::Cuda(_)) => {
+                (Weights::Dummy { config: model::read_config(&config)?, dtype, seed }, None)
+            }
+            (source, _) => {
+                let m = model::load(&source)?;
+                (m.weights.into(), m.tokenizer)
+            }
+        };
+        match &self.tokenizer {
+            Some(spec) => Ok((weights, Some(load_tokenizer(spec)?))),
+            None => Ok((weights, tokenizer)),
+        }
+    }
+
     pub fn threads(&self) -> Result<usize> {
         match self.threads {
             Some(0) => bail!("--threads must be at least 1"),
@@ -55,6 +93,22 @@ impl ModelArgs {
             None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
     }
+}
+
+/// A tokenizer from a known model key, a .gguf file or a directory with tokenizer.json.
+fn load_tokenizer(spec: &str) -> Result<Tokenizer> {
+    let path = match registry::find(spec) {
+        Some(known) => pull::ensure(known, false)?,
+        None => PathBuf::from(spec),
+    };
+    if path.is_dir() {
+        return Tokenizer::from_hf_dir(&path);
+    }
+    if !path.is_file() {
+        bail!("--tokenizer {spec:?}: not a known model key, a .gguf file or a directory with tokenizer.json");
+    }
+    let f = tern_core::gguf::GgufFile::open(&path)?;
+    Tokenizer::from_gguf(&f).with_context(|| format!("tokenizer of {}", path.display()))
 }
 
 pub fn parse_dtype(name: &str) -> Result<DType> {
@@ -146,7 +200,7 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    pub fn config(&self, n_threads: usize) -> Result<EngineConfig> {
+    pub fn config(&self, n_threads: usize, device: Device) -> Result<EngineConfig> {
         for (name, v) in [
             ("--max-num-seqs", self.max_num_seqs),
             ("--max-num-batched-tokens", self.max_num_batched_tokens),
@@ -163,6 +217,7 @@ impl EngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             enable_prefix_caching: !self.no_prefix_caching,
             n_threads,
+            device,
         })
     }
 }

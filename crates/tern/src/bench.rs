@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::time::{Duration, Instant};
-use tern_core::engine::{EngineConfig, EngineHandle, Event, DEFAULT_BLOCK_SIZE};
+use tern_core::engine::{Device, EngineConfig, EngineHandle, Event, DEFAULT_BLOCK_SIZE};
 use tern_core::generation::GenerateRequest;
 use tern_core::rng::Rng;
 use tern_core::sampling::SamplingParams;
@@ -59,12 +59,18 @@ struct Report {
     model: String,
     arch: &'static str,
     params: usize,
+    /// Weight bytes read per decode token (as the device holds them).
     weight_bytes: usize,
+    device: String,
     threads: usize,
     cpu: &'static str,
     results: Vec<TestResult>,
     /// Decode bandwidth implied by the median: weight bytes read per token × tok/s.
     decode_gb_per_s: Option<f64>,
+    /// The GPU's device-to-device copy bandwidth, measured in this run (read + write).
+    hbm_gb_per_s: Option<f64>,
+    /// Model-bandwidth utilization: decode_gb_per_s / hbm_gb_per_s.
+    mbu: Option<f64>,
     peak_rss_mib: Option<f64>,
 }
 
@@ -75,10 +81,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
-    let loaded = a.model.load()?;
+    let (weights, tokenizer) = a.model.weights()?;
     let threads = a.model.threads()?;
-    let cfg = loaded.weights.config.clone();
-    let (weight_bytes, total_bytes) = (loaded.weights.bytes_per_token(), loaded.weights.total_bytes());
+    let device = a.model.device()?;
+    let cfg = weights.config().clone();
     let longest = a.depth + a.prompt_tokens.max(a.gen_tokens + 1);
     if longest > cfg.max_context {
         bail!(
@@ -95,9 +101,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         kv_cache_memory: Some(per_token * (2 * longest as u64 + 4 * DEFAULT_BLOCK_SIZE as u64)),
         max_num_batched_tokens: longest.max(1),
         n_threads: threads,
+        device,
         ..EngineConfig::default()
     };
-    let engine = EngineHandle::start(loaded.weights, loaded.tokenizer, engine_config)?;
+    let hbm = hbm_bandwidth(device)?;
+    let engine = EngineHandle::start(weights, tokenizer, engine_config)?;
+    let weight_bytes = engine.weight_bytes_per_token();
     let mut rng = Rng::new(1);
     let mut random_tokens =
         |n: usize| -> Vec<u32> { (0..n).map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32).collect() };
@@ -132,11 +141,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         model: a.model.model.clone(),
         arch: cfg.arch.name(),
         params: cfg.n_params(),
-        weight_bytes: total_bytes,
+        weight_bytes,
+        device: engine.describe().to_string(),
         threads,
         cpu: tern_core::kernels::cpu_level().name(),
         results,
         decode_gb_per_s,
+        hbm_gb_per_s: hbm.map(|b| b / 1e9),
+        mbu: decode_gb_per_s.zip(hbm).map(|(gb, bw)| gb * 1e9 / bw),
         peak_rss_mib: peak_rss_mib(),
     };
     if a.json {
@@ -144,7 +156,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "model {} ({}, {:.0}M params, {:.0} MiB weights), {} threads, kernels {}",
+        "model {} ({}, {:.0}M params, {:.0} MiB of weights read per token), {} threads, kernels {}",
         report.model,
         report.arch,
         report.params as f64 / 1e6,
@@ -152,6 +164,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         threads,
         report.cpu
     );
+    println!("device {}", report.device);
     println!("| test | tok/s (median) | min | max |");
     println!("|---|---|---|---|");
     for r in &report.results {
@@ -160,10 +173,27 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(gb) = report.decode_gb_per_s {
         println!("decode streams {gb:.1} GB/s of weights");
     }
+    if let (Some(bw), Some(mbu)) = (report.hbm_gb_per_s, report.mbu) {
+        println!(
+            "device copy bandwidth {bw:.0} GB/s (read + write, measured now): model-bandwidth utilization {:.1}%",
+            100.0 * mbu
+        );
+    }
     if let Some(rss) = report.peak_rss_mib {
         println!("peak RSS {rss:.0} MiB");
     }
     Ok(())
+}
+
+/// The GPU's copy bandwidth (bytes/s), for the utilization figure; None on the CPU.
+fn hbm_bandwidth(device: Device) -> Result<Option<f64>> {
+    match device {
+        Device::Cpu => Ok(None),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => Ok(Some(tern_core::cuda::copy_bandwidth(ordinal)?)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => bail!("this tern was built without CUDA support: rebuild with `--features cuda`"),
+    }
 }
 
 struct Run {

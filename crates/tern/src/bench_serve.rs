@@ -37,8 +37,14 @@ use tokio::net::TcpStream;
 const TOKEN_IDS: std::ops::Range<u32> = 1000..20000;
 
 /// Counters scraped from GET /metrics before and after the run (deltas reported if present).
-const SERVER_COUNTERS: &[&str] =
-    &["tern_prefix_cache_hits_total", "tern_prefix_cache_queries_total", "tern_prefill_tokens_computed_total"];
+const SERVER_COUNTERS: &[&str] = &[
+    "tern_prefix_cache_hits_total",
+    "tern_prefix_cache_queries_total",
+    "tern_prefill_tokens_computed_total",
+    "tern_engine_steps_total",
+    "tern_engine_step_seconds_total",
+    "tern_engine_forward_seconds_total",
+];
 
 /// Distinct error messages kept for the report.
 const MAX_ERRORS_KEPT: usize = 5;

@@ -107,10 +107,9 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
         bail!("--logprobs must be at most {MAX_TOP_LOGPROBS}");
     }
-    let threads = a.model.threads()?;
-    let engine_config = a.engine.config(threads)?;
-    let loaded = a.model.load()?;
-    let tok = loaded.tokenizer.context("this model has no tokenizer: generate needs one")?;
+    let engine_config = a.engine.config(a.model.threads()?, a.model.device()?)?;
+    let (weights, tok) = a.model.weights()?;
+    let tok = tok.context("this model has no tokenizer: generate needs one (see --tokenizer)")?;
     let prompt_ids = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
@@ -121,7 +120,7 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&a.prompt, true)?
     };
-    let engine = EngineHandle::start(loaded.weights, Some(tok), engine_config)?;
+    let engine = EngineHandle::start(weights, Some(tok), engine_config)?;
     let req = GenerateRequest {
         stop: a.sampling.stop.clone(),
         ignore_eos: a.sampling.ignore_eos,
@@ -163,12 +162,12 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
 
 pub fn run_chat(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params()?;
-    let loaded = a.model.load()?;
-    let tok = loaded.tokenizer.context("this model has no tokenizer: chat needs one")?;
+    let (weights, tok) = a.model.weights()?;
+    let tok = tok.context("this model has no tokenizer: chat needs one (see --tokenizer)")?;
     chat_template(&tok)?;
-    let engine_config = a.engine.config(a.model.threads()?)?;
+    let engine_config = a.engine.config(a.model.threads()?, a.model.device()?)?;
     // Each turn re-sends the whole conversation; the prefix cache keeps the earlier turns' KV.
-    let engine = EngineHandle::start(loaded.weights, Some(tok.clone()), engine_config)?;
+    let engine = EngineHandle::start(weights, Some(tok.clone()), engine_config)?;
     let system: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let mut messages = system.clone();
     let stdin = std::io::stdin();

@@ -41,6 +41,14 @@ enum Command {
         no_special: bool,
         text: String,
     },
+    /// Write a model's tokenizer as tokenizer.json + tokenizer_config.json into a directory
+    /// (usable with --tokenizer, e.g. to serve dummy weights where the model file cannot go).
+    ExportTokenizer {
+        #[command(flatten)]
+        model: args::ModelArgs,
+        /// Directory to write (created if missing).
+        dir: std::path::PathBuf,
+    },
     /// Measure prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (completions, chat, tokenize, metrics).
@@ -82,10 +90,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run_generate(a),
         Command::Chat(a) => generate::run_chat(a),
         Command::Tokenize { model, no_special, text } => {
-            let loaded = model.load()?;
-            let tok = loaded.tokenizer.context("this model has no tokenizer")?;
+            let tok = model.tokenizer()?.context("this model has no tokenizer (see --tokenizer)")?;
             let ids = tok.encode(&text, !no_special)?;
             println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        Command::ExportTokenizer { model, dir } => {
+            let tok = model.tokenizer()?.context("this model has no tokenizer")?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            tok.save_hf_dir(&dir)?;
+            println!("{}", dir.display());
             Ok(())
         }
         Command::Bench(a) => bench::run(a),

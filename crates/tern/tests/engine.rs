@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use tern_core::engine::{EngineConfig, EngineHandle, Event, Finished};
+use tern_core::engine::{Device, EngineConfig, EngineHandle, Event, Finished};
 use tern_core::generation::{generate, FinishReason, GenerateRequest};
 use tern_core::model::decoder::Decoder;
 use tern_core::model::{self, LoadedModel, ModelSource};
@@ -71,6 +71,7 @@ fn config(kv_bytes: u64, max_batched: usize, block_size: usize) -> EngineConfig 
         max_num_batched_tokens: max_batched,
         enable_prefix_caching: true,
         n_threads: 2,
+        device: Device::Cpu,
     }
 }
 

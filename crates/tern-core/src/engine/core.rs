@@ -4,16 +4,16 @@
 use super::block_manager::BlockManager;
 use super::handle::{Command, SubmitError};
 use super::metrics::Metrics;
-use super::paged_kv::{PagedKv, PagedView};
+use super::runner::{CpuRunner, Row, Runner, StepOutput};
 use super::scheduler::Scheduler;
 use super::sequence::Sequence;
-use super::{EngineConfig, DEFAULT_KV_MEMORY_FRACTION};
+use super::{Device, EngineConfig};
 use crate::generation::{FinishReason, GenerateRequest};
 use crate::model::config::ModelConfig;
-use crate::model::decoder::{Decoder, LogitsFor, SeqChunk};
-use crate::model::weights::ModelWeights;
+use crate::model::decoder::{LogitsFor, SeqChunk};
+use crate::model::Weights;
 use crate::tokenizer::Tokenizer;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -77,58 +77,59 @@ impl Limits {
 }
 
 pub(crate) struct Engine {
-    decoder: Decoder,
-    kv: PagedKv,
+    runner: Box<dyn Runner>,
     blocks: BlockManager,
     sched: Scheduler,
     tokenizer: Option<Arc<Tokenizer>>,
     metrics: Arc<Metrics>,
     block_size: usize,
-    logits: Vec<f32>,
+    out: StepOutput,
 }
 
 impl Engine {
+    /// Builds the runner for `cfg.device` (on the calling thread: the engine thread, which a
+    /// GPU context is bound to) and the scheduler around its KV pool.
     pub(crate) fn new(
-        weights: ModelWeights,
+        weights: Weights,
         tokenizer: Option<Arc<Tokenizer>>,
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
-        let c = weights.config.clone();
-        let bs = cfg.block_size;
-        if bs == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
+        if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
             bail!("block size, max_num_seqs and max_num_batched_tokens must be at least 1");
         }
-        let per_block = PagedKv::bytes_per_block(&c, bs) as u64;
-        let budget = match cfg.kv_cache_memory {
-            Some(b) => b,
-            None => {
-                let avail = mem_available().context("cannot read available memory: give the KV cache size")?;
-                // No more than every sequence at full context would use.
-                let most = (cfg.max_num_seqs * c.max_context).div_ceil(bs) as u64 * per_block;
-                ((avail as f64 * DEFAULT_KV_MEMORY_FRACTION) as u64).min(most)
+        let runner: Box<dyn Runner> = match cfg.device {
+            Device::Cpu => Box::new(CpuRunner::new(weights.into_host()?, &cfg)?),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => Box::new(crate::cuda::CudaRunner::new(weights, &cfg, ordinal)?),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                bail!("this tern was built without CUDA support: rebuild with `--features cuda` to use --device cuda")
             }
         };
-        let n_blocks = (budget / per_block) as usize;
-        if n_blocks == 0 {
-            bail!("a KV cache of {budget} bytes holds no block ({per_block} bytes per block of {bs} tokens)");
-        }
-        let kv = PagedKv::new(&c, bs, n_blocks)?;
+        let n_blocks = runner.n_blocks();
         metrics.kv_blocks_total.store(n_blocks as u64, Relaxed);
         Ok(Engine {
-            decoder: Decoder::new(weights, cfg.n_threads),
-            kv,
+            runner,
             blocks: BlockManager::new(n_blocks, cfg.enable_prefix_caching),
-            sched: Scheduler::new(cfg.max_num_seqs, cfg.max_num_batched_tokens, bs),
+            sched: Scheduler::new(cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.block_size),
             tokenizer,
             metrics,
-            block_size: bs,
-            logits: Vec::new(),
+            block_size: cfg.block_size,
+            out: StepOutput::default(),
         })
     }
 
+    pub(crate) fn describe(&self) -> String {
+        self.runner.describe()
+    }
+
+    pub(crate) fn weight_bytes_per_token(&self) -> usize {
+        self.runner.weight_bytes_per_token()
+    }
+
     pub(crate) fn limits(&self) -> Limits {
-        Limits { kv_tokens: self.kv.n_blocks() * self.block_size }
+        Limits { kv_tokens: self.runner.n_blocks() * self.block_size }
     }
 
     /// The engine thread: runs until shut down (after draining) or every handle is gone.
@@ -163,7 +164,7 @@ impl Engine {
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Submit { id, req, events } => {
-                let vocab = self.decoder.config().vocab_size;
+                let vocab = self.runner.config().vocab_size;
                 let reply = events.clone();
                 match Sequence::new(id, *req, vocab, events) {
                     Ok(seq) => self.sched.waiting.push_back(seq),
@@ -216,6 +217,12 @@ impl Engine {
     }
 
     fn step(&mut self) {
+        let started = std::time::Instant::now();
+        self.step_inner();
+        self.metrics.step_micros.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+    }
+
+    fn step_inner(&mut self) {
         let scheduled = self.sched.schedule(&mut self.blocks, &self.metrics);
         self.update_gauges();
         if scheduled.is_empty() {
@@ -243,17 +250,24 @@ impl Engine {
             })
             .collect();
         let wants_logits: Vec<bool> = chunks.iter().map(|c| c.logits.is_some()).collect();
-        let tables = index.iter().map(|&i| running[i].table.as_slice()).collect();
-        let mut view = PagedView { kv: &mut self.kv, tables };
-        let result = self.decoder.forward_batch(&chunks, &mut view, &mut self.logits);
+        let greedy: Vec<bool> = chunks
+            .iter()
+            .zip(&index)
+            .filter(|(c, _)| c.logits.is_some())
+            .map(|(_, &i)| !running[i].needs_logits())
+            .collect();
+        let tables: Vec<&[u32]> = index.iter().map(|&i| running[i].table.as_slice()).collect();
+        let forward_started = std::time::Instant::now();
+        let result = self.runner.forward(&chunks, &tables, &greedy, &mut self.out);
+        self.metrics.forward_micros.fetch_add(forward_started.elapsed().as_micros() as u64, Relaxed);
         if let Err(e) = result {
             for s in &scheduled {
                 self.fail(s.id, format!("forward pass failed: {e:#}"));
             }
             return;
         }
-        let vocab = self.decoder.config().vocab_size;
-        let mut row = 0;
+        let vocab = self.runner.config().vocab_size;
+        let mut rows = self.out.rows.iter();
         let mut ended = Vec::new();
         for ((s, &i), wants) in scheduled.iter().zip(&index).zip(wants_logits) {
             let seq = &mut self.sched.running[i];
@@ -263,9 +277,15 @@ impl Engine {
             if !wants {
                 continue;
             }
-            let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
-            row += 1;
-            match seq.on_logits(logits, self.tokenizer.as_deref(), &self.metrics) {
+            let outcome = match rows.next() {
+                Some(&Row::Logits(r)) => {
+                    let logits = &mut self.out.logits[r * vocab..(r + 1) * vocab];
+                    seq.on_logits(logits, self.tokenizer.as_deref(), &self.metrics)
+                }
+                Some(&Row::Token(t)) => seq.on_token(t, None, self.tokenizer.as_deref(), &self.metrics),
+                None => Err(anyhow::anyhow!("the runner returned fewer rows than asked for")),
+            };
+            match outcome {
                 Ok(Some(reason)) => ended.push((s.id, Ok(reason))),
                 Ok(None) => {}
                 Err(e) => ended.push((s.id, Err(format!("{e:#}")))),
@@ -286,12 +306,4 @@ impl Engine {
         m.waiting.store(self.sched.waiting.len() as u64, Relaxed);
         m.kv_blocks_used.store(self.blocks.n_used() as u64, Relaxed);
     }
-}
-
-/// MemAvailable from /proc/meminfo, in bytes.
-fn mem_available() -> Result<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo")?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:")).context("no MemAvailable in /proc/meminfo")?;
-    let kib: u64 = line.split_whitespace().nth(1).context("malformed MemAvailable")?.parse()?;
-    Ok(kib * 1024)
 }

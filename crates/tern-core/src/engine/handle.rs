@@ -5,7 +5,7 @@ use super::metrics::Metrics;
 use super::{EngineConfig, Event};
 use crate::generation::GenerateRequest;
 use crate::model::config::ModelConfig;
-use crate::model::weights::ModelWeights;
+use crate::model::Weights;
 use crate::tokenizer::Tokenizer;
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -49,9 +49,22 @@ struct Shared {
     model: ModelConfig,
     tokenizer: Option<Arc<Tokenizer>>,
     limits: super::core::Limits,
+    description: String,
+    weight_bytes_per_token: usize,
     accepting: AtomicBool,
     next_id: AtomicU64,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    /// The last handle is gone (no front end, no stream): the engine drains and exits, and its
+    /// thread is joined, so a device runner frees its memory before the process exits.
+    fn drop(&mut self) {
+        let _ = self.commands.get_mut().unwrap_or_else(|e| e.into_inner()).send(Command::Shutdown);
+        if let Some(t) = self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -61,18 +74,39 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Builds the KV pool and starts the engine thread.
-    pub fn start(weights: ModelWeights, tokenizer: Option<Tokenizer>, config: EngineConfig) -> Result<Self> {
+    /// Starts the engine thread, which builds the runner (weights on the device, KV pool) and
+    /// then serves requests; returns once the runner is ready, or with its error.
+    pub fn start(weights: impl Into<Weights>, tokenizer: Option<Tokenizer>, config: EngineConfig) -> Result<Self> {
+        let weights = weights.into();
         let tokenizer = tokenizer.map(Arc::new);
-        let model = weights.config.clone();
+        let model = weights.config().clone();
         let metrics = Arc::new(Metrics::default());
-        let engine = Engine::new(weights, tokenizer.clone(), config, metrics.clone())?;
-        let limits = engine.limits();
         let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (tok, m) = (tokenizer.clone(), metrics.clone());
         let thread = std::thread::Builder::new()
             .name("tern-engine".into())
-            .spawn(move || engine.run(rx))
+            .spawn(move || match Engine::new(weights, tok, config, m) {
+                Ok(engine) => {
+                    let _ = ready_tx.send(Ok((engine.limits(), engine.describe(), engine.weight_bytes_per_token())));
+                    engine.run(rx)
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
             .context("cannot start the engine thread")?;
+        let (limits, description, weight_bytes_per_token) = match ready_rx.recv() {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                anyhow::bail!("the engine thread died while starting");
+            }
+        };
         Ok(EngineHandle {
             shared: Arc::new(Shared {
                 commands: Mutex::new(tx),
@@ -80,11 +114,23 @@ impl EngineHandle {
                 model,
                 tokenizer,
                 limits,
+                description,
+                weight_bytes_per_token,
                 accepting: AtomicBool::new(true),
                 next_id: AtomicU64::new(1),
                 thread: Mutex::new(Some(thread)),
             }),
         })
+    }
+
+    /// The device and what it holds (for logs).
+    pub fn describe(&self) -> &str {
+        &self.shared.description
+    }
+
+    /// Weight bytes one decode step reads, as the device holds them.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        self.shared.weight_bytes_per_token
     }
 
     pub fn model_config(&self) -> &ModelConfig {

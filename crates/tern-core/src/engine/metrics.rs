@@ -58,6 +58,10 @@ pub struct Metrics {
     pub prefix_cache_hits: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
+    /// Microseconds of engine steps, and of the runner's forward passes within them (the rest
+    /// is the engine's own host work: scheduling, sampling, detokenizing, streaming).
+    pub step_micros: AtomicU64,
+    pub forward_micros: AtomicU64,
     pub running: AtomicU64,
     pub waiting: AtomicU64,
     pub kv_blocks_used: AtomicU64,
@@ -81,6 +85,8 @@ impl Default for Metrics {
             prefix_cache_hits: z(),
             preemptions: z(),
             steps: z(),
+            step_micros: z(),
+            forward_micros: z(),
             running: z(),
             waiting: z(),
             kv_blocks_used: z(),
@@ -151,6 +157,14 @@ impl Metrics {
         );
         one("num_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", g(&self.preemptions));
         one("engine_steps_total", "counter", "Engine steps (batched forward passes).", g(&self.steps));
+        let secs = |a: &AtomicU64| g(a) / 1e6;
+        one("engine_step_seconds_total", "counter", "Time spent in engine steps.", secs(&self.step_micros));
+        one(
+            "engine_forward_seconds_total",
+            "counter",
+            "Time spent in forward passes (within engine steps).",
+            secs(&self.forward_micros),
+        );
         let _ = writeln!(out, "# HELP tern_request_success_total Finished requests by finish reason.");
         let _ = writeln!(out, "# TYPE tern_request_success_total counter");
         for (reason, a) in [

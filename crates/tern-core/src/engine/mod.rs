@@ -9,6 +9,7 @@ mod core;
 mod handle;
 pub mod metrics;
 mod paged_kv;
+pub(crate) mod runner;
 mod scheduler;
 mod sequence;
 
@@ -18,6 +19,7 @@ pub use metrics::Metrics;
 
 use crate::generation::FinishReason;
 use crate::sampling::TokenLogprob;
+use anyhow::{bail, Result};
 use std::time::Duration;
 
 /// Tokens per KV block unless configured otherwise (as vLLM).
@@ -38,6 +40,41 @@ pub struct EngineConfig {
     pub enable_prefix_caching: bool,
     /// Worker threads of the forward pass.
     pub n_threads: usize,
+    /// Where the model runs.
+    pub device: Device,
+}
+
+/// Where the model runs: the CPU, or a CUDA GPU (by ordinal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    /// "cpu", "cuda" (GPU 0) or "cuda:N".
+    pub fn parse(s: &str) -> Result<Device> {
+        let t = s.trim().to_ascii_lowercase();
+        if t == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if t == "cuda" {
+            return Ok(Device::Cuda(0));
+        }
+        match t.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => bail!("unknown device {s:?}: expected cpu, cuda or cuda:N"),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -49,6 +86,7 @@ impl Default for EngineConfig {
             max_num_batched_tokens: 512,
             enable_prefix_caching: true,
             n_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            device: Device::Cpu,
         }
     }
 }

@@ -5,7 +5,7 @@ use super::block_manager::{block_hash, BlockManager};
 use super::metrics::Metrics;
 use super::{Event, Finished};
 use crate::generation::{FinishReason, GenerateRequest};
-use crate::sampling::{logprobs, Sampler};
+use crate::sampling::{logprobs, Sampler, TokenLogprob};
 use crate::stop::StopChecker;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use anyhow::Result;
@@ -121,6 +121,12 @@ impl Sequence {
         self.num_computed = 0;
     }
 
+    /// Whether the next token needs the full logits (sampling, penalties, logprobs); if not,
+    /// the argmax alone decides it, and a device may pick it without sending logits back.
+    pub(crate) fn needs_logits(&self) -> bool {
+        self.req.logprobs.is_some() || !self.sampler.is_plain_greedy()
+    }
+
     /// Samples the next token from this sequence's logits and streams it. Returns why the
     /// sequence ends, if it does.
     pub(crate) fn on_logits(
@@ -133,6 +139,17 @@ impl Sequence {
         let raw = self.req.logprobs.map(|n| (logits.to_vec(), n));
         let token = self.sampler.sample(logits);
         let logprob = raw.map(|(raw, n)| logprobs(&raw, token, n));
+        self.on_token(token, logprob, tok, metrics)
+    }
+
+    /// Appends the chosen next token and streams it. Returns why the sequence ends, if it does.
+    pub(crate) fn on_token(
+        &mut self,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+        tok: Option<&Tokenizer>,
+        metrics: &Metrics,
+    ) -> Result<Option<FinishReason>> {
         self.sampler.accept(token);
         let now = Instant::now();
         match self.last_token {

@@ -49,6 +49,36 @@ impl ModelSource {
     }
 }
 
+/// The weights an engine runs: loaded, or to be made on the device they run on (random
+/// weights of a real configuration need no host memory when the device makes them).
+pub enum Weights {
+    Host(ModelWeights),
+    Dummy { config: config::ModelConfig, dtype: DType, seed: u64 },
+}
+
+impl Weights {
+    pub fn config(&self) -> &config::ModelConfig {
+        match self {
+            Weights::Host(w) => &w.config,
+            Weights::Dummy { config, .. } => config,
+        }
+    }
+
+    /// The weights in host memory (dummy ones generated here).
+    pub fn into_host(self) -> Result<ModelWeights> {
+        match self {
+            Weights::Host(w) => Ok(w),
+            Weights::Dummy { config, dtype, seed } => dummy::load(config, dtype, seed),
+        }
+    }
+}
+
+impl From<ModelWeights> for Weights {
+    fn from(w: ModelWeights) -> Self {
+        Weights::Host(w)
+    }
+}
+
 pub struct LoadedModel {
     pub weights: ModelWeights,
     /// None for dummy weights and HF directories without tokenizer.json.
@@ -70,9 +100,13 @@ pub fn load(source: &ModelSource) -> Result<LoadedModel> {
             Ok(LoadedModel { weights, tokenizer })
         }
         ModelSource::Dummy { config, dtype, seed } => {
-            let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
-            let cfg = config::ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", config.display()))?;
-            Ok(LoadedModel { weights: dummy::load(cfg, *dtype, *seed)?, tokenizer: None })
+            Ok(LoadedModel { weights: dummy::load(read_config(config)?, *dtype, *seed)?, tokenizer: None })
         }
     }
+}
+
+/// A Hugging Face config.json.
+pub fn read_config(path: &std::path::Path) -> Result<config::ModelConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    config::ModelConfig::from_hf_json(&text).with_context(|| format!("in {}", path.display()))
 }

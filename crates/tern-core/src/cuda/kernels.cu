@@ -1,0 +1,704 @@
+// tern's CUDA kernels. Compiled by build.rs with nvcc into one fatbin (SASS for the target
+// GPU + PTX), loaded once per process. Every kernel has a plain CPU reference in
+// cuda/tests.rs (or the CPU decoder) that its test compares against on random inputs.
+//
+// Conventions: activations are f32, weights bf16 or GGUF blocks, the KV cache is bf16.
+// The paged KV cache is one arena of blocks; block b of layer l holds K then V, each laid out
+// [kv_head][block_size][head_dim], so one head's keys of a block are contiguous.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+typedef __nv_bfloat16 bf16;
+
+#define WARP 32
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `red` holds one float per warp.
+__device__ float block_sum(float v, float* red) {
+  int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  float t = 0.f;
+  for (int i = 0; i < nw; i++) t += red[i];
+  return t;
+}
+
+__device__ __forceinline__ void bf16x8_to_f32(uint4 u, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    float2 p = __bfloat1622float2(h[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Elementwise and row kernels
+
+// x[i, :] = embed[tokens[i], :] (bf16 table), for n rows of width d.
+extern "C" __global__ void embed_bf16(const bf16* __restrict__ table, const int* __restrict__ tokens,
+                                      float* __restrict__ x, int n, int d) {
+  int i = blockIdx.x;
+  if (i >= n) return;
+  const bf16* row = table + (size_t)tokens[i] * d;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) x[(size_t)i * d + j] = __bfloat162float(row[j]);
+}
+
+// out[i, :] = x[i, :] * rsqrt(mean(x[i, :]^2) + eps) * w, as bf16 (GEMM input) or f32.
+// Row i of the output reads input row rows[i] when `rows` is given (logit rows), else row i.
+// One block per row; a thread keeps its (up to 8) values in registers between the two passes,
+// so a row is read from memory once.
+#define NORM_VALS 8
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    const int* __restrict__ rows, void* __restrict__ out, int out_bf16,
+                                    int d, float eps) {
+  __shared__ float red[32];
+  int i = blockIdx.x;
+  int src = rows ? rows[i] : i;
+  const float* xr = x + (size_t)src * d;
+  float v[NORM_VALS];
+  float ss = 0.f;
+#pragma unroll
+  for (int e = 0; e < NORM_VALS; e++) {
+    int j = threadIdx.x + e * blockDim.x;
+    v[e] = j < d ? xr[j] : 0.f;
+    ss += v[e] * v[e];
+  }
+  for (int j = threadIdx.x + NORM_VALS * blockDim.x; j < d; j += blockDim.x) ss += xr[j] * xr[j];
+  float inv = rsqrtf(block_sum(ss, red) / d + eps);
+  auto put = [&](int j, float y) {
+    if (out_bf16)
+      ((bf16*)out)[(size_t)i * d + j] = __float2bfloat16(y);
+    else
+      ((float*)out)[(size_t)i * d + j] = y;
+  };
+#pragma unroll
+  for (int e = 0; e < NORM_VALS; e++) {
+    int j = threadIdx.x + e * blockDim.x;
+    if (j < d) put(j, v[e] * inv * w[j]);
+  }
+  for (int j = threadIdx.x + NORM_VALS * blockDim.x; j < d; j += blockDim.x) put(j, xr[j] * inv * w[j]);
+}
+
+// act[i, j] = silu(gu[i, j]) * gu[i, f + j], as bf16 (GEMM input) or f32: gu rows are [gate f | up f].
+extern "C" __global__ void silu_mul(const float* __restrict__ gu, void* __restrict__ act, int out_bf16, int n, int f) {
+  size_t total = (size_t)n * f;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+    size_t i = e / f, j = e % f;
+    float g = gu[i * 2 * f + j], u = gu[i * 2 * f + f + j];
+    float v = g / (1.f + __expf(-g)) * u;
+    if (out_bf16)
+      ((bf16*)act)[e] = __float2bfloat16(v);
+    else
+      ((float*)act)[e] = v;
+  }
+}
+
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+    y[e] = __float2bfloat16(x[e]);
+}
+
+// ------------------------------------------------------------------------------------------
+// Matrix-vector products for a few activation rows: y[i, r] (+)= dot(W[r, :], x[i, :]).
+// Weights are read once for all N rows. A row group (GEMV_ROWS consecutive weight rows) is
+// owned by WS warps that split the row in 16-byte pieces, so each warp load is a contiguous
+// 512 bytes; WS = 4 gives matrices with few, long rows (q/k/v, o and down of a 7B model) four
+// times the warps. Each lane issues the codec's UNROLL pieces of every row before using any,
+// so enough bytes are in flight to cover memory latency. `accumulate` adds into y (the
+// residual stream). Activations (a few KB per row) are read through L1 by every warp.
+
+#define GEMV_ROWS 2
+#define GEMV_WARPS 4
+#define GEMV_THREADS (GEMV_WARPS * WARP)
+
+struct GemvArgs {
+  const float* x;
+  int ldx;
+  float* y;
+  int ldy;
+  int rows;
+  int k;
+  int accumulate;
+};
+
+// 8 input values of row i at columns c..c+8.
+__device__ __forceinline__ void gemv_input8(const GemvArgs& a, int i, int c, float* v) {
+  const float* xr = a.x + (size_t)i * a.ldx;
+  float4 p0 = *reinterpret_cast<const float4*>(xr + c), p1 = *reinterpret_cast<const float4*>(xr + c + 4);
+  v[0] = p0.x; v[1] = p0.y; v[2] = p0.z; v[3] = p0.w; v[4] = p1.x; v[5] = p1.y; v[6] = p1.z; v[7] = p1.w;
+}
+
+// The row group's sums (over the lanes and the WS warps) into y.
+template <int N, int WS>
+__device__ __forceinline__ void gemv_store(const GemvArgs& a, int r0, float (&acc)[N][GEMV_ROWS]) {
+  __shared__ float part[GEMV_WARPS * N * GEMV_ROWS];
+  int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+#pragma unroll
+  for (int i = 0; i < N; i++)
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+      float v = warp_sum(acc[i][r]);
+      if (WS == 1) {
+        if (lane == 0 && r0 + r < a.rows) {
+          float* y = a.y + (size_t)i * a.ldy + r0 + r;
+          *y = a.accumulate ? *y + v : v;
+        }
+      } else if (lane == 0) {
+        part[w * N * GEMV_ROWS + i * GEMV_ROWS + r] = v;
+      }
+    }
+  if (WS > 1) {
+    __syncthreads();
+    for (int o = threadIdx.x; o < N * GEMV_ROWS; o += blockDim.x) {
+      int i = o / GEMV_ROWS, r = o % GEMV_ROWS;
+      float v = 0.f;
+      for (int q = 0; q < WS; q++) v += part[q * N * GEMV_ROWS + o];
+      if (r0 + r < a.rows) {
+        float* y = a.y + (size_t)i * a.ldy + r0 + r;
+        *y = a.accumulate ? *y + v : v;
+      }
+    }
+  }
+}
+
+// The loop shared by the encodings. A codec reads one piece of a row (PIECE values) into a
+// register type W (`load`) and adds the pieces of the GEMV_ROWS rows · x row i (`dot`).
+template <class Codec, int N, int WS>
+__device__ void gemv_impl(const Codec cd, GemvArgs a) {
+  typedef typename Codec::W W;
+  int lane = threadIdx.x % WARP, sub = (threadIdx.x / WARP) % WS;
+  int g = blockIdx.x * (GEMV_WARPS / WS) + (threadIdx.x / WARP) / WS;
+  int r0 = g * GEMV_ROWS;
+  if (WS == 1 && r0 >= a.rows) return;  // (with WS > 1 a block's warps share one group)
+  float acc[N][GEMV_ROWS] = {};
+  int pieces = a.k / Codec::PIECE, stride = WARP * WS;
+  for (int c0 = sub * WARP + lane; c0 < pieces; c0 += Codec::UNROLL * stride) {
+    W wq[Codec::UNROLL][GEMV_ROWS];
+#pragma unroll
+    for (int u = 0; u < Codec::UNROLL; u++) {
+      int c = min(c0 + u * stride, pieces - 1);
+#pragma unroll
+      for (int r = 0; r < GEMV_ROWS; r++) wq[u][r] = cd.load(a, min(r0 + r, a.rows - 1), c);
+    }
+#pragma unroll
+    for (int u = 0; u < Codec::UNROLL; u++) {
+      int c = c0 + u * stride;
+      if (c >= pieces) break;
+#pragma unroll
+      for (int i = 0; i < N; i++) cd.dot(a, i, c, wq[u], acc[i]);
+    }
+  }
+  gemv_store<N, WS>(a, r0, acc);
+}
+
+struct Bf16Codec {
+  typedef uint4 W;
+  static const int PIECE = 8, UNROLL = 8;
+  const bf16* w;
+  __device__ __forceinline__ W load(const GemvArgs& a, int row, int c) const {
+    return __ldcs(reinterpret_cast<const uint4*>(w + (size_t)row * a.k) + c);
+  }
+  __device__ __forceinline__ void dot(const GemvArgs& a, int i, int c, const W* wq, float* acc) const {
+    float xv[8];
+    gemv_input8(a, i, c * 8, xv);
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+      float wf[8];
+      bf16x8_to_f32(wq[r], wf);
+#pragma unroll
+      for (int e = 0; e < 8; e++) acc[r] = fmaf(wf[e], xv[e], acc[r]);
+    }
+  }
+};
+
+// Q8_0 in tern's GPU layout: int8 quants [rows][k] and f16 scales [rows][k / 32]; a piece is
+// 16 quants (half a block).
+struct Q8Piece {
+  int4 q;
+  float d;
+};
+
+struct Q8Codec {
+  typedef Q8Piece W;
+  static const int PIECE = 16, UNROLL = 8;
+  const int8_t* qs;
+  const __half* d;
+  __device__ __forceinline__ W load(const GemvArgs& a, int row, int c) const {
+    W p;
+    p.q = __ldcs(reinterpret_cast<const int4*>(qs + (size_t)row * a.k) + c);
+    p.d = __half2float(d[(size_t)row * (a.k / 32) + c / 2]);
+    return p;
+  }
+  __device__ __forceinline__ void dot(const GemvArgs& a, int i, int c, const W* wq, float* acc) const {
+    float xv[16];
+    gemv_input8(a, i, c * 16, xv);
+    gemv_input8(a, i, c * 16 + 8, xv + 8);
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(&wq[r].q);
+      float t = 0.f;
+#pragma unroll
+      for (int e = 0; e < 16; e++) t = fmaf((float)q[e], xv[e], t);
+      acc[r] = fmaf(wq[r].d, t, acc[r]);
+    }
+  }
+};
+
+// GGUF Q4_K: blocks of 256 values, 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and
+// mins for 8 sub-blocks of 32, then 128 bytes of nibbles (bytes 32j..32j+31 hold sub-block 2j
+// in their low and 2j+1 in their high nibbles). value = d * sc * q - dmin * m.
+__device__ __forceinline__ void q4k_scale_min(const uint8_t* s, int j, float* sc, float* m) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *m = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// The same from the 12 scale bytes held in three registers (s0 = bytes 0..3, ...), with no
+// indexing into memory (a run-time byte index would move them to local memory).
+__device__ __forceinline__ uint32_t scale_byte(uint32_t s0, uint32_t s1, uint32_t s2, int t) {
+  uint32_t word = t < 4 ? s0 : (t < 8 ? s1 : s2);
+  return (word >> (8 * (t % 4))) & 0xFF;
+}
+
+__device__ __forceinline__ void q4k_scale_min_regs(uint32_t s0, uint32_t s1, uint32_t s2, int j, float* sc, float* m) {
+  if (j < 4) {
+    *sc = scale_byte(s0, s1, s2, j) & 63;
+    *m = scale_byte(s0, s1, s2, j + 4) & 63;
+  } else {
+    uint32_t hi = scale_byte(s0, s1, s2, j + 4);
+    *sc = (hi & 0xF) | ((scale_byte(s0, s1, s2, j - 4) >> 6) << 4);
+    *m = (hi >> 4) | ((scale_byte(s0, s1, s2, j) >> 6) << 4);
+  }
+}
+
+// A piece of a Q4_K block: 16 bytes of nibbles = 16 values of sub-block 2j and the 16 of
+// sub-block 2j+1 at the same offsets, with the block's 16-byte header (d, dmin, scales).
+struct Q4KPiece {
+  uint4 q;
+  uint4 hdr;
+};
+
+struct Q4KCodec {
+  typedef Q4KPiece W;
+  static const int PIECE = 32, UNROLL = 4;
+  const uint8_t* w;
+  __device__ __forceinline__ W load(const GemvArgs& a, int row, int c) const {
+    const uint8_t* blk = w + ((size_t)row * (a.k / 256) + c / 8) * 144;
+    W p;
+    p.q = __ldcs(reinterpret_cast<const uint4*>(blk + 16 + ((c % 8) / 2) * 32 + (c % 2) * 16));
+    p.hdr = __ldg(reinterpret_cast<const uint4*>(blk));
+    return p;
+  }
+  __device__ __forceinline__ void dot(const GemvArgs& a, int i, int c, const W* wq, float* acc) const {
+    int j = (c % 8) / 2;
+    int col_lo = (c / 8) * 256 + j * 64 + (c % 2) * 16;  // 16 values of sub-block 2j
+    int col_hi = col_lo + 32;                            // 16 values of sub-block 2j+1
+    float xl[16], xh[16];
+    gemv_input8(a, i, col_lo, xl);
+    gemv_input8(a, i, col_lo + 8, xl + 8);
+    gemv_input8(a, i, col_hi, xh);
+    gemv_input8(a, i, col_hi + 8, xh + 8);
+    float sl = 0.f, sh = 0.f;
+#pragma unroll
+    for (int e = 0; e < 16; e++) {
+      sl += xl[e];
+      sh += xh[e];
+    }
+#pragma unroll
+    for (int r = 0; r < GEMV_ROWS; r++) {
+      const __half2 dm = *reinterpret_cast<const __half2*>(&wq[r].hdr.x);
+      float dd = __low2float(dm), dmin = __high2float(dm);
+      float sc1, mn1, sc2, mn2;
+      q4k_scale_min_regs(wq[r].hdr.y, wq[r].hdr.z, wq[r].hdr.w, 2 * j, &sc1, &mn1);
+      q4k_scale_min_regs(wq[r].hdr.y, wq[r].hdr.z, wq[r].hdr.w, 2 * j + 1, &sc2, &mn2);
+      const uint8_t* qb = reinterpret_cast<const uint8_t*>(&wq[r].q);
+      float dl = 0.f, dh = 0.f;
+#pragma unroll
+      for (int e = 0; e < 16; e++) {
+        dl = fmaf((float)(qb[e] & 0xF), xl[e], dl);
+        dh = fmaf((float)(qb[e] >> 4), xh[e], dh);
+      }
+      acc[r] += dd * (sc1 * dl + sc2 * dh) - dmin * (mn1 * sl + mn2 * sh);
+    }
+  }
+};
+
+// One entry point per row count and split (registers are allocated for the largest case).
+#define GEMV_ENTRY_WS(name, impl, params, call, WS)                                                       \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name##_1_##WS params { gemv_impl<impl, 1, WS> call; } \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name##_2_##WS params { gemv_impl<impl, 2, WS> call; } \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name##_3_##WS params { gemv_impl<impl, 3, WS> call; } \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name##_4_##WS params { gemv_impl<impl, 4, WS> call; } \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name##_5_##WS params { gemv_impl<impl, 5, WS> call; } \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name##_6_##WS params { gemv_impl<impl, 6, WS> call; } \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name##_7_##WS params { gemv_impl<impl, 7, WS> call; } \
+  extern "C" __global__ void __launch_bounds__(GEMV_THREADS) name##_8_##WS params { gemv_impl<impl, 8, WS> call; }
+#define GEMV_ENTRY(name, impl, params, call) \
+  GEMV_ENTRY_WS(name, impl, params, call, 1) \
+  GEMV_ENTRY_WS(name, impl, params, call, 4)
+
+GEMV_ENTRY(gemv_bf16, Bf16Codec, (const bf16* w, GemvArgs a), (Bf16Codec{w}, a))
+GEMV_ENTRY(gemv_q8_0, Q8Codec, (const int8_t* qs, const __half* d, GemvArgs a), (Q8Codec{qs, d}, a))
+GEMV_ENTRY(gemv_q4_k, Q4KCodec, (const uint8_t* w, GemvArgs a), (Q4KCodec{w}, a))
+
+// ------------------------------------------------------------------------------------------
+// Dequantization to bf16 (the GEMM path of quantized weights).
+
+extern "C" __global__ void dequant_q8_0_bf16(const int8_t* __restrict__ qs, const __half* __restrict__ d,
+                                             bf16* __restrict__ out, size_t n) {
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+    out[e] = __float2bfloat16(__half2float(d[e / 32]) * qs[e]);
+}
+
+extern "C" __global__ void dequant_q4_k_bf16(const uint8_t* __restrict__ w, bf16* __restrict__ out, size_t n) {
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+    size_t b = e / 256;
+    int t = e % 256, j = t / 32, l = t % 32;
+    const uint8_t* blk = w + b * 144;
+    float d = __half2float(*reinterpret_cast<const __half*>(blk));
+    float dmin = __half2float(*reinterpret_cast<const __half*>(blk + 2));
+    float sc, mn;
+    q4k_scale_min(blk + 4, j, &sc, &mn);
+    uint8_t byte = blk[16 + (j / 2) * 32 + l];
+    int q = (j % 2) ? byte >> 4 : byte & 0xF;
+    out[e] = __float2bfloat16(d * sc * q - dmin * mn);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Rotary embedding, q/k/v bias and the KV-cache write, fused. qkv rows hold [q | k | v]
+// (n_heads*hd, then n_kv*hd twice). cos/sin come from tables [position][hd/2] computed on the
+// host as the CPU decoder computes them (f32 angle, then cos and sin), so rotations agree and
+// no slow large-argument sincos runs here. Tokens with slot < 0 are padding and are skipped.
+// style 0: rotate halves (x[i], x[i + hd/2]); style 1: adjacent pairs (x[2i], x[2i+1]).
+
+// Grid (token, head of q | k | v), hd/2 threads: each thread owns one rotation pair.
+extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, const float* __restrict__ bias,
+                                         const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                         const int* __restrict__ pos, const int* __restrict__ slot,
+                                         bf16* __restrict__ kv_layer, int n_heads, int n_kv, int hd, int style,
+                                         int block_size, size_t block_stride) {
+  int i = blockIdx.x, head = blockIdx.y, f = threadIdx.x;
+  if (slot[i] < 0 || f >= hd / 2) return;
+  int qd = n_heads * hd, kvd = n_kv * hd, half = hd / 2;
+  float* x = qkv + (size_t)i * (qd + 2 * kvd) + head * hd;  // k heads follow q heads, then v heads
+  const float* bx = bias ? bias + head * hd : nullptr;
+  int a = style == 0 ? f : 2 * f, b = style == 0 ? f + half : 2 * f + 1;
+  float x0 = x[a], x1 = x[b];
+  if (bx) {
+    x0 += bx[a];
+    x1 += bx[b];
+  }
+  bool is_v = head >= n_heads + n_kv;
+  if (!is_v) {
+    float c = cos_t[(size_t)pos[i] * half + f], s = sin_t[(size_t)pos[i] * half + f];
+    float r0 = x0 * c - x1 * s, r1 = x0 * s + x1 * c;
+    x0 = r0;
+    x1 = r1;
+  }
+  x[a] = x0;
+  x[b] = x1;
+  if (head < n_heads) return;
+  // K or V head: store into the cache block.
+  int kvh = is_v ? head - n_heads - n_kv : head - n_heads;
+  int blk = slot[i] / block_size, off = slot[i] % block_size;
+  bf16* base = kv_layer + (size_t)blk * block_stride + (is_v ? (size_t)block_size * kvd : 0);
+  bf16* dst = base + ((size_t)kvh * block_size + off) * hd;
+  dst[a] = __float2bfloat16(x0);
+  dst[b] = __float2bfloat16(x1);
+}
+
+// ------------------------------------------------------------------------------------------
+// Attention over the paged cache, split-K ("flash decoding"): one block per (query token,
+// KV head, split of the keys); the G query heads sharing that KV head read each key once.
+// Each thread scores whole keys (no reductions per key), softmax statistics per head, then
+// values are accumulated with threads over (key group, dim pair). Splits write unnormalized
+// partial results that attn_combine merges; with one split the block writes the output.
+
+#define ATT_THREADS 128
+#define MAX_GROUP 16
+
+struct AttnArgs {
+  const float* q;  // qkv buffer: query heads at the start of each row
+  int q_ld;
+  const bf16* kv_layer;  // block 0 of this layer
+  size_t block_stride;   // elements between consecutive blocks (all layers)
+  const int* tables;     // [n_seqs][max_blocks]
+  int max_blocks;
+  const int* tok_seq;
+  const int* tok_pos;  // -1: padding
+  int n_heads, n_kv, hd, block_size;
+  int window;  // 0: none
+  float scale;
+  int split;  // keys per split
+  float* out;  // [n][n_heads * hd]
+  float* part_o;  // [n][n_splits][n_heads][hd]
+  float* part_ml;  // [n][n_splits][n_heads][2]
+  int n_splits;
+};
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode(AttnArgs a) {
+  extern __shared__ float smem[];
+  int i = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
+  int G = a.n_heads / a.n_kv, hd = a.hd, tid = threadIdx.x;
+  int pos = a.tok_pos[i];
+  int lo = 0, hi = 0;
+  if (pos >= 0) {
+    int start = a.window > 0 ? max(0, pos + 1 - a.window) : 0;
+    lo = start + s * a.split;
+    hi = min(pos + 1, lo + a.split);
+  }
+  int nk = max(0, hi - lo);
+  float* qs = smem;              // [G][hd]
+  float* sc = qs + G * hd;       // [G][split]
+  float* red = sc + G * a.split; // [ATT_THREADS / (hd/2)][G][hd] partial outputs
+  float* stat = red + (ATT_THREADS / (hd / 2)) * G * hd;  // [G][2]: max, 1/sum or sum
+  if (nk == 0) {
+    // Nothing to attend to: padding, or a split past the end.
+    if (a.n_splits == 1) {
+      for (int e = tid; e < G * hd; e += ATT_THREADS) a.out[(size_t)i * a.n_heads * hd + g * G * hd + e] = 0.f;
+    } else {
+      for (int e = tid; e < G * hd; e += ATT_THREADS)
+        a.part_o[(((size_t)i * a.n_splits + s) * a.n_heads + g * G) * hd + e] = 0.f;
+      for (int h = tid; h < G; h += ATT_THREADS) {
+        float* ml = a.part_ml + (((size_t)i * a.n_splits + s) * a.n_heads + g * G + h) * 2;
+        ml[0] = -INFINITY;
+        ml[1] = 0.f;
+      }
+    }
+    return;
+  }
+  const float* qrow = a.q + (size_t)i * a.q_ld + g * G * hd;
+  for (int e = tid; e < G * hd; e += ATT_THREADS) qs[e] = qrow[e] * a.scale;
+  __syncthreads();
+  const int* table = a.tables + (size_t)a.tok_seq[i] * a.max_blocks;
+  size_t head_off = (size_t)g * a.block_size * hd;
+  // Scores: thread t takes keys lo+t, lo+t+128, ...; each key's row is loaded 64 bytes at a
+  // time so the loads overlap.
+  for (int t = tid; t < nk; t += ATT_THREADS) {
+    int p = lo + t;
+    const bf16* k = a.kv_layer + (size_t)table[p / a.block_size] * a.block_stride + head_off + (size_t)(p % a.block_size) * hd;
+    float acc[MAX_GROUP];
+#pragma unroll
+    for (int h = 0; h < MAX_GROUP; h++) acc[h] = 0.f;
+    for (int d0 = 0; d0 < hd; d0 += 32) {
+      uint4 kq[4];
+#pragma unroll
+      for (int u = 0; u < 4; u++)
+        if (d0 + 8 * u < hd) kq[u] = *reinterpret_cast<const uint4*>(k + d0 + 8 * u);
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (d0 + 8 * u >= hd) break;
+        float kf[8];
+        bf16x8_to_f32(kq[u], kf);
+#pragma unroll
+        for (int h = 0; h < MAX_GROUP; h++) {
+          if (h < G) {
+            const float* qh = qs + h * hd + d0 + 8 * u;
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[h] = fmaf(qh[e], kf[e], acc[h]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < MAX_GROUP; h++)
+      if (h < G) sc[h * a.split + t] = acc[h];
+  }
+  __syncthreads();
+  // Softmax statistics: warp w handles heads w, w+4, ...
+  int lane = tid % WARP, w = tid / WARP;
+  for (int h = w; h < G; h += ATT_THREADS / WARP) {
+    float m = -INFINITY;
+    for (int t = lane; t < nk; t += WARP) m = fmaxf(m, sc[h * a.split + t]);
+    m = warp_max(m);
+    float l = 0.f;
+    for (int t = lane; t < nk; t += WARP) {
+      float e = __expf(sc[h * a.split + t] - m);
+      sc[h * a.split + t] = e;
+      l += e;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      stat[2 * h] = m;
+      stat[2 * h + 1] = l;
+    }
+  }
+  __syncthreads();
+  // Values: thread = (key group kg, dim pair dp).
+  int pairs = hd / 2, groups = ATT_THREADS / pairs;
+  int dp = tid % pairs, kg = tid / pairs;
+  float2 o[MAX_GROUP];
+#pragma unroll
+  for (int h = 0; h < MAX_GROUP; h++) o[h] = make_float2(0.f, 0.f);
+  if (kg < groups) {
+    // Four keys' values in flight per thread.
+    for (int t0 = kg; t0 < nk; t0 += 4 * groups) {
+      float2 vf[4];
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        int t = t0 + u * groups;
+        if (t < nk) {
+          int p = lo + t;
+          const bf16* v = a.kv_layer + (size_t)table[p / a.block_size] * a.block_stride +
+                          (size_t)a.block_size * a.n_kv * hd + head_off + (size_t)(p % a.block_size) * hd;
+          vf[u] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(v + 2 * dp));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        int t = t0 + u * groups;
+        if (t >= nk) break;
+#pragma unroll
+        for (int h = 0; h < MAX_GROUP; h++) {
+          if (h < G) {
+            float pw = sc[h * a.split + t];
+            o[h].x = fmaf(pw, vf[u].x, o[h].x);
+            o[h].y = fmaf(pw, vf[u].y, o[h].y);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < MAX_GROUP; h++) {
+      if (h < G) {
+        red[(kg * G + h) * hd + 2 * dp] = o[h].x;
+        red[(kg * G + h) * hd + 2 * dp + 1] = o[h].y;
+      }
+    }
+  }
+  __syncthreads();
+  for (int e = tid; e < G * hd; e += ATT_THREADS) {
+    int h = e / hd;
+    float v = 0.f;
+    for (int q = 0; q < groups; q++) v += red[q * G * hd + e];
+    if (a.n_splits == 1) {
+      a.out[(size_t)i * a.n_heads * hd + g * G * hd + e] = v / stat[2 * h + 1];
+    } else {
+      a.part_o[(((size_t)i * a.n_splits + s) * a.n_heads + g * G) * hd + e] = v;
+    }
+  }
+  if (a.n_splits > 1)
+    for (int h = tid; h < G; h += ATT_THREADS) {
+      float* ml = a.part_ml + (((size_t)i * a.n_splits + s) * a.n_heads + g * G + h) * 2;
+      ml[0] = stat[2 * h];
+      ml[1] = stat[2 * h + 1];
+    }
+}
+
+// Merges the splits of attn_decode: grid (token, query head), hd threads.
+extern "C" __global__ void attn_combine(AttnArgs a) {
+  int i = blockIdx.x, h = blockIdx.y, hd = a.hd;
+  float m = -INFINITY;
+  for (int s = 0; s < a.n_splits; s++) m = fmaxf(m, a.part_ml[(((size_t)i * a.n_splits + s) * a.n_heads + h) * 2]);
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+    float o = 0.f, l = 0.f;
+    for (int s = 0; s < a.n_splits; s++) {
+      const float* ml = a.part_ml + (((size_t)i * a.n_splits + s) * a.n_heads + h) * 2;
+      if (ml[1] == 0.f) continue;
+      float f = __expf(ml[0] - m);
+      o += f * a.part_o[(((size_t)i * a.n_splits + s) * a.n_heads + h) * hd + d];
+      l += f * ml[1];
+    }
+    a.out[(size_t)i * a.n_heads * hd + h * hd + d] = l > 0.f ? o / l : 0.f;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Greedy sampling: out[i] = argmax of logits row i (the first index on ties, as the CPU sampler).
+
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab, int* __restrict__ out) {
+  __shared__ float bv[32];
+  __shared__ int bi[32];
+  const float* row = logits + (size_t)blockIdx.x * vocab;
+  float best = -INFINITY;
+  int idx = 0x7fffffff;
+  for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+    float v = row[j];
+    if (v > best) {  // strided scan: later j of this thread only wins when larger
+      best = v;
+      idx = j;
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    float v2 = __shfl_xor_sync(0xffffffffu, best, o);
+    int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (v2 > best || (v2 == best && i2 < idx)) {
+      best = v2;
+      idx = i2;
+    }
+  }
+  int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+  if (lane == 0) {
+    bv[w] = best;
+    bi[w] = idx;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int k = 1; k < (int)(blockDim.x / WARP); k++)
+      if (bv[k] > best || (bv[k] == best && bi[k] < idx)) {
+        best = bv[k];
+        idx = bi[k];
+      }
+    out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Random weights generated on the device (dummy models of real shapes, no host transfer).
+
+__device__ __forceinline__ uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return (uint32_t)x;
+}
+
+// Uniform in [-a, a) with a = std * sqrt(3): the same variance as N(0, std^2).
+extern "C" __global__ void fill_random_bf16(bf16* p, size_t n, uint64_t seed, float std) {
+  float a = std * 1.7320508f;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
+    float u = hash32(seed * 0x9E3779B97F4A7C15ULL + e) * (1.0f / 4294967296.0f);
+    p[e] = __float2bfloat16((2.f * u - 1.f) * a);
+  }
+}
+
+extern "C" __global__ void fill_random_bytes(uint8_t* p, size_t n, uint64_t seed) {
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
+    p[e] = (uint8_t)hash32(seed * 0x9E3779B97F4A7C15ULL + e);
+}
+
+// Sets one f16 field at byte `at` of every `block_bytes`-sized block (scales of random blocks).
+extern "C" __global__ void set_block_f16(uint8_t* p, size_t n_blocks, int block_bytes, int at, float value) {
+  __half v = __float2half(value);
+  for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < n_blocks; b += (size_t)gridDim.x * blockDim.x)
+    *reinterpret_cast<__half*>(p + b * block_bytes + at) = v;
+}
+
+extern "C" __global__ void fill_f16(__half* p, size_t n, float value) {
+  __half v = __float2half(value);
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) p[e] = v;
+}

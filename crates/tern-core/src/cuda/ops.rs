@@ -1,0 +1,470 @@
+//! Typed launches of the kernels in kernels.cu: each function checks what it can and enqueues
+//! one kernel (or one cuBLAS call) on the GPU's stream. Pointers are device addresses.
+
+use super::device::{DevBuf, Gpu, MAX_DYNAMIC_SMEM};
+use crate::kernels::DType;
+use crate::launch;
+use anyhow::{bail, ensure, Result};
+use cudarc::driver::sys::CUfunction;
+
+/// Largest number of activation rows the matrix-vector kernels take.
+pub const GEMV_MAX_ROWS: usize = 8;
+const ATT_THREADS: u32 = 128;
+pub const MAX_GROUP: usize = 16;
+
+/// The kernels' function handles, looked up once.
+pub struct Kernels {
+    embed_bf16: CUfunction,
+    rms_norm: CUfunction,
+    silu_mul: CUfunction,
+    f32_to_bf16: CUfunction,
+    /// [warps per row group: 1 or 4][activation rows - 1]
+    gemv_bf16: [[CUfunction; GEMV_MAX_ROWS]; 2],
+    gemv_q8_0: [[CUfunction; GEMV_MAX_ROWS]; 2],
+    gemv_q4_k: [[CUfunction; GEMV_MAX_ROWS]; 2],
+    sm_count: usize,
+    dequant_q8_0_bf16: CUfunction,
+    dequant_q4_k_bf16: CUfunction,
+    rope_kv_write: CUfunction,
+    attn_decode: CUfunction,
+    attn_combine: CUfunction,
+    argmax_rows: CUfunction,
+    fill_random_bf16: CUfunction,
+    fill_random_bytes: CUfunction,
+    set_block_f16: CUfunction,
+    fill_f16: CUfunction,
+}
+
+impl Kernels {
+    pub fn load(gpu: &Gpu) -> Result<Kernels> {
+        let f = |name: &str| gpu.function(name);
+        let per_n = |base: &str| -> Result<[[CUfunction; GEMV_MAX_ROWS]; 2]> {
+            let ws = |w: usize| -> Result<[CUfunction; GEMV_MAX_ROWS]> {
+                let v: Vec<CUfunction> =
+                    (1..=GEMV_MAX_ROWS).map(|n| f(&format!("{base}_{n}_{w}"))).collect::<Result<_>>()?;
+                Ok(v.try_into().expect("GEMV_MAX_ROWS entries"))
+            };
+            Ok([ws(1)?, ws(4)?])
+        };
+        let k = Kernels {
+            embed_bf16: f("embed_bf16")?,
+            rms_norm: f("rms_norm")?,
+            silu_mul: f("silu_mul")?,
+            f32_to_bf16: f("f32_to_bf16")?,
+            gemv_bf16: per_n("gemv_bf16")?,
+            gemv_q8_0: per_n("gemv_q8_0")?,
+            gemv_q4_k: per_n("gemv_q4_k")?,
+            dequant_q8_0_bf16: f("dequant_q8_0_bf16")?,
+            dequant_q4_k_bf16: f("dequant_q4_k_bf16")?,
+            rope_kv_write: f("rope_kv_write")?,
+            attn_decode: f("attn_decode")?,
+            attn_combine: f("attn_combine")?,
+            argmax_rows: f("argmax_rows")?,
+            fill_random_bf16: f("fill_random_bf16")?,
+            fill_random_bytes: f("fill_random_bytes")?,
+            set_block_f16: f("set_block_f16")?,
+            fill_f16: f("fill_f16")?,
+            sm_count: gpu.sm_count,
+        };
+        // SAFETY: attn_decode is a function of this GPU's module.
+        unsafe { gpu.allow_large_smem(k.attn_decode)? };
+        Ok(k)
+    }
+}
+
+/// A grid-stride kernel's grid for n elements.
+fn grid_for(n: usize) -> (u32, u32, u32) {
+    (n.div_ceil(256).clamp(1, 65535) as u32, 1, 1)
+}
+
+/// A weight matrix on the GPU, in one of the encodings the kernels read.
+pub enum GpuWeights {
+    Bf16(DevBuf),
+    /// int8 quants [rows][cols] and f16 scales [rows][cols / 32].
+    Q8_0 {
+        qs: DevBuf,
+        d: DevBuf,
+    },
+    /// GGUF Q4_K blocks, row-major.
+    Q4K(DevBuf),
+}
+
+pub struct GpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub w: GpuWeights,
+}
+
+impl GpuMatrix {
+    pub fn encoding(&self) -> &'static str {
+        match self.w {
+            GpuWeights::Bf16(_) => "bf16",
+            GpuWeights::Q8_0 { .. } => "q8_0",
+            GpuWeights::Q4K(_) => "q4_k",
+        }
+    }
+
+    /// Bytes the kernels read for one pass over the matrix.
+    pub fn n_bytes(&self) -> usize {
+        match &self.w {
+            GpuWeights::Bf16(b) | GpuWeights::Q4K(b) => b.bytes,
+            GpuWeights::Q8_0 { qs, d } => qs.bytes + d.bytes,
+        }
+    }
+
+    pub fn is_bf16(&self) -> bool {
+        matches!(self.w, GpuWeights::Bf16(_))
+    }
+}
+
+impl GpuMatrix {
+    /// Random weights made on the device: bf16 of standard deviation 0.02, or quantized blocks
+    /// of random codes with fixed small scales (as the CPU's dummy weights).
+    pub fn random(gpu: &Gpu, k: &Kernels, rows: usize, cols: usize, dtype: DType, seed: u64) -> Result<GpuMatrix> {
+        let n = rows * cols;
+        let w = match dtype {
+            DType::BF16 => {
+                let b = DevBuf::alloc(2 * n)?;
+                fill_random_bf16(gpu, k, b.ptr, n, seed, 0.02)?;
+                GpuWeights::Bf16(b)
+            }
+            DType::Q8_0 => {
+                ensure!(cols.is_multiple_of(32), "q8_0 needs a multiple of 32 columns, not {cols}");
+                let (qs, d) = (DevBuf::alloc(n)?, DevBuf::alloc(2 * (n / 32))?);
+                fill_random_bytes(gpu, k, qs.ptr, n, seed)?;
+                fill_f16(gpu, k, d.ptr, n / 32, 3e-4)?;
+                GpuWeights::Q8_0 { qs, d }
+            }
+            DType::Q4_K => {
+                ensure!(cols.is_multiple_of(256), "q4_k needs a multiple of 256 columns, not {cols}");
+                let n_blocks = n / 256;
+                let b = DevBuf::alloc(144 * n_blocks)?;
+                fill_random_bytes(gpu, k, b.ptr, b.bytes, seed)?;
+                set_block_f16(gpu, k, b.ptr, n_blocks, 144, 0, 1.4e-4)?;
+                set_block_f16(gpu, k, b.ptr, n_blocks, 144, 2, 1.4e-4)?;
+                GpuWeights::Q4K(b)
+            }
+            other => bail!("no random {} matrices on the GPU", other.name()),
+        };
+        Ok(GpuMatrix { rows, cols, w })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemvArgs {
+    x: u64,
+    ldx: i32,
+    y: u64,
+    ldy: i32,
+    rows: i32,
+    k: i32,
+    accumulate: i32,
+}
+
+/// Rows per row group and warps per block of the matrix-vector kernels (kernels.cu).
+const GEMV_ROWS: usize = 2;
+const GEMV_WARPS: usize = 4;
+/// y[i, r] (+)= dot(W[r, :], x[i, :]) for n ≤ 8 f32 rows x (row stride ldx) into y (row
+/// stride ldy).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv(
+    gpu: &Gpu,
+    k: &Kernels,
+    m: &GpuMatrix,
+    x: u64,
+    ldx: usize,
+    n: usize,
+    y: u64,
+    ldy: usize,
+    accumulate: bool,
+) -> Result<()> {
+    ensure!((1..=GEMV_MAX_ROWS).contains(&n), "gemv takes 1..={GEMV_MAX_ROWS} rows, got {n}");
+    ensure!(m.cols.is_multiple_of(32) || (m.is_bf16() && m.cols.is_multiple_of(8)), "gemv: {} columns", m.cols);
+    let args = GemvArgs {
+        x,
+        ldx: ldx as i32,
+        y,
+        ldy: ldy as i32,
+        rows: m.rows as i32,
+        k: m.cols as i32,
+        accumulate: accumulate as i32,
+    };
+    // Too few row groups to give every SM many warps: four warps share each row.
+    let groups = m.rows.div_ceil(GEMV_ROWS);
+    let split = groups < 32 * k.sm_count && m.cols >= 2048;
+    let ws = if split { 4 } else { 1 };
+    let blocks = groups.div_ceil(GEMV_WARPS / ws);
+    let grid = (blocks as u32, 1, 1);
+    let i = split as usize;
+    unsafe {
+        match &m.w {
+            GpuWeights::Bf16(w) => launch!(gpu, k.gemv_bf16[i][n - 1], grid, 128, 0; w.ptr, args),
+            GpuWeights::Q8_0 { qs, d } => launch!(gpu, k.gemv_q8_0[i][n - 1], grid, 128, 0; qs.ptr, d.ptr, args),
+            GpuWeights::Q4K(w) => {
+                ensure!(m.cols.is_multiple_of(256), "q4_k gemv: {} columns", m.cols);
+                launch!(gpu, k.gemv_q4_k[i][n - 1], grid, 128, 0; w.ptr, args)
+            }
+        }
+    }
+}
+
+/// The matrix as bf16: itself, or dequantized into `scratch` (at least rows × cols bf16).
+pub fn as_bf16(gpu: &Gpu, k: &Kernels, m: &GpuMatrix, scratch: &DevBuf) -> Result<u64> {
+    let n = m.rows * m.cols;
+    if !matches!(m.w, GpuWeights::Bf16(_)) {
+        ensure!(scratch.bytes >= 2 * n, "dequantization scratch too small");
+    }
+    unsafe {
+        match &m.w {
+            GpuWeights::Bf16(w) => Ok(w.ptr),
+            GpuWeights::Q8_0 { qs, d } => {
+                launch!(gpu, k.dequant_q8_0_bf16, grid_for(n), 256, 0; qs.ptr, d.ptr, scratch.ptr, n)?;
+                Ok(scratch.ptr)
+            }
+            GpuWeights::Q4K(w) => {
+                launch!(gpu, k.dequant_q4_k_bf16, grid_for(n), 256, 0; w.ptr, scratch.ptr, n)?;
+                Ok(scratch.ptr)
+            }
+        }
+    }
+}
+
+/// C (n × rows, f32) = beta·C + A (n × cols, bf16) · Wᵀ, through cuBLAS.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    gpu: &Gpu,
+    k: &Kernels,
+    m: &GpuMatrix,
+    a: u64,
+    n: usize,
+    c: u64,
+    beta: f32,
+    scratch: &DevBuf,
+) -> Result<()> {
+    let w = as_bf16(gpu, k, m, scratch)?;
+    unsafe { gpu.gemm_bf16(w, a, c, m.rows, n, m.cols, beta) }
+}
+
+pub fn embed(gpu: &Gpu, k: &Kernels, table: u64, tokens: u64, x: u64, n: usize, d: usize) -> Result<()> {
+    unsafe { launch!(gpu, k.embed_bf16, (n as u32, 1, 1), 256, 0; table, tokens, x, n as i32, d as i32) }
+}
+
+/// out[i] = rms_norm(x[rows[i] or i]) · w, as bf16 or f32.
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norm(
+    gpu: &Gpu,
+    k: &Kernels,
+    x: u64,
+    w: u64,
+    rows: Option<u64>,
+    out: u64,
+    out_bf16: bool,
+    n: usize,
+    d: usize,
+    eps: f32,
+) -> Result<()> {
+    let rows = rows.unwrap_or(0);
+    // Enough threads that a row of up to 8 K values sits in registers (8 per thread).
+    let threads = d.div_ceil(8).next_multiple_of(32).clamp(128, 1024) as u32;
+    unsafe { launch!(gpu, k.rms_norm, (n as u32, 1, 1), threads, 0; x, w, rows, out, out_bf16 as i32, d as i32, eps) }
+}
+
+/// act[i, j] = silu(gate_up[i, j]) · gate_up[i, f + j], as bf16 or f32.
+pub fn silu_mul(gpu: &Gpu, k: &Kernels, gate_up: u64, act: u64, out_bf16: bool, n: usize, f: usize) -> Result<()> {
+    unsafe { launch!(gpu, k.silu_mul, grid_for(n * f), 256, 0; gate_up, act, out_bf16 as i32, n as i32, f as i32) }
+}
+
+pub fn f32_to_bf16(gpu: &Gpu, k: &Kernels, x: u64, y: u64, n: usize) -> Result<()> {
+    unsafe { launch!(gpu, k.f32_to_bf16, grid_for(n), 256, 0; x, y, n) }
+}
+
+/// Where the attention and KV-write kernels find the paged cache and the batch's metadata.
+#[derive(Clone, Copy, Debug)]
+pub struct KvLayout {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// bf16 elements from one block to the next (all layers of a block are together).
+    pub block_stride: usize,
+}
+
+/// Rotary cos and sin tables [position][frequency] for positions 0..n_pos, computed as the CPU
+/// decoder computes them (f32 angle = position · inverse frequency), on the device.
+pub fn rope_tables(gpu: &Gpu, inv_freq: &[f32], n_pos: usize) -> Result<(DevBuf, DevBuf)> {
+    let mut cos = Vec::with_capacity(n_pos * inv_freq.len());
+    let mut sin = Vec::with_capacity(n_pos * inv_freq.len());
+    for p in 0..n_pos {
+        for &f in inv_freq {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    Ok((gpu.buffer_from(&cos)?, gpu.buffer_from(&sin)?))
+}
+
+/// Adds the q/k/v bias, rotates q and k, and writes K/V of each token to its cache slot.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_write(
+    gpu: &Gpu,
+    k: &Kernels,
+    qkv: u64,
+    bias: Option<u64>,
+    cos_sin: (u64, u64),
+    pos: u64,
+    slot: u64,
+    kv_layer: u64,
+    l: &KvLayout,
+    style: i32,
+    n: usize,
+) -> Result<()> {
+    unsafe {
+        let grid = (n as u32, (l.n_heads + 2 * l.n_kv) as u32, 1);
+        launch!(gpu, k.rope_kv_write, grid, (l.head_dim / 2).next_multiple_of(32) as u32, 0;
+            qkv, bias.unwrap_or(0), cos_sin.0, cos_sin.1, pos, slot, kv_layer,
+            l.n_heads as i32, l.n_kv as i32, l.head_dim as i32, style, l.block_size as i32, l.block_stride)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnArgs {
+    q: u64,
+    q_ld: i32,
+    kv_layer: u64,
+    block_stride: usize,
+    tables: u64,
+    max_blocks: i32,
+    tok_seq: u64,
+    tok_pos: u64,
+    n_heads: i32,
+    n_kv: i32,
+    hd: i32,
+    block_size: i32,
+    window: i32,
+    scale: f32,
+    split: i32,
+    out: u64,
+    part_o: u64,
+    part_ml: u64,
+    n_splits: i32,
+}
+
+/// How attention divides the keys: `split` keys per block, `n_splits` blocks per (token, head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttnSplit {
+    pub split: usize,
+    pub n_splits: usize,
+}
+
+/// Dynamic shared memory of attn_decode for a split size.
+fn attn_smem(l: &KvLayout, split: usize) -> usize {
+    let g = l.n_heads / l.n_kv;
+    let groups = ATT_THREADS as usize / (l.head_dim / 2);
+    4 * (g * l.head_dim + g * split + groups * g * l.head_dim + 2 * g)
+}
+
+/// Picks the split for `n` query tokens whose longest context is `max_len` keys: the smallest
+/// power-of-two split (≥ 32) that keeps the blocks near `target_blocks`, within shared memory
+/// and with at most `max_pairs` (token, split) pairs of partial results.
+pub fn attn_split(l: &KvLayout, n: usize, max_len: usize, target_blocks: usize, max_pairs: usize) -> Result<AttnSplit> {
+    let max_len = max_len.max(1);
+    let fits = |s: usize| attn_smem(l, s) <= MAX_DYNAMIC_SMEM;
+    let mut split = 32;
+    loop {
+        let n_splits = max_len.div_ceil(split);
+        let bigger_fits = fits(split * 2);
+        let ok_pairs = n_splits == 1 || n * n_splits <= max_pairs;
+        if (n * l.n_kv * n_splits <= target_blocks.max(n * l.n_kv) && ok_pairs) || n_splits == 1 || !bigger_fits {
+            if !fits(split) || !ok_pairs {
+                bail!("attention over {max_len} keys for {n} tokens does not fit (split {split})");
+            }
+            return Ok(AttnSplit { split, n_splits });
+        }
+        split *= 2;
+    }
+}
+
+/// Attention of every token's query heads over its sequence's cached keys `0..=pos` (the
+/// sliding window when `window > 0`), through the block tables; `out` is n × (n_heads·hd).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    gpu: &Gpu,
+    k: &Kernels,
+    l: &KvLayout,
+    q: u64,
+    q_ld: usize,
+    kv_layer: u64,
+    tables: u64,
+    max_blocks: usize,
+    tok_seq: u64,
+    tok_pos: u64,
+    window: usize,
+    n: usize,
+    s: AttnSplit,
+    out: u64,
+    partials: (u64, u64),
+) -> Result<()> {
+    let g = l.n_heads / l.n_kv;
+    ensure!(g <= MAX_GROUP && l.n_heads.is_multiple_of(l.n_kv), "attention: {} query heads per KV head", g);
+    ensure!(l.head_dim.is_multiple_of(8) && l.head_dim <= 256, "attention: head dim {}", l.head_dim);
+    let args = AttnArgs {
+        q,
+        q_ld: q_ld as i32,
+        kv_layer,
+        block_stride: l.block_stride,
+        tables,
+        max_blocks: max_blocks as i32,
+        tok_seq,
+        tok_pos,
+        n_heads: l.n_heads as i32,
+        n_kv: l.n_kv as i32,
+        hd: l.head_dim as i32,
+        block_size: l.block_size as i32,
+        window: window as i32,
+        scale: 1.0 / (l.head_dim as f32).sqrt(),
+        split: s.split as i32,
+        out,
+        part_o: partials.0,
+        part_ml: partials.1,
+        n_splits: s.n_splits as i32,
+    };
+    unsafe {
+        let grid = (n as u32, l.n_kv as u32, s.n_splits as u32);
+        launch!(gpu, k.attn_decode, grid, ATT_THREADS, attn_smem(l, s.split); args)?;
+        if s.n_splits > 1 {
+            launch!(gpu, k.attn_combine, (n as u32, l.n_heads as u32, 1), l.head_dim as u32, 0; args)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn argmax_rows(gpu: &Gpu, k: &Kernels, logits: u64, n: usize, vocab: usize, out: u64) -> Result<()> {
+    unsafe { launch!(gpu, k.argmax_rows, (n as u32, 1, 1), 1024, 0; logits, vocab as i32, out) }
+}
+
+pub fn fill_random_bf16(gpu: &Gpu, k: &Kernels, p: u64, n: usize, seed: u64, std: f32) -> Result<()> {
+    unsafe { launch!(gpu, k.fill_random_bf16, grid_for(n), 256, 0; p, n, seed, std) }
+}
+
+pub fn fill_random_bytes(gpu: &Gpu, k: &Kernels, p: u64, n: usize, seed: u64) -> Result<()> {
+    unsafe { launch!(gpu, k.fill_random_bytes, grid_for(n), 256, 0; p, n, seed) }
+}
+
+pub fn set_block_f16(
+    gpu: &Gpu,
+    k: &Kernels,
+    p: u64,
+    n_blocks: usize,
+    block_bytes: usize,
+    at: usize,
+    v: f32,
+) -> Result<()> {
+    unsafe { launch!(gpu, k.set_block_f16, grid_for(n_blocks), 256, 0; p, n_blocks, block_bytes as i32, at as i32, v) }
+}
+
+pub fn fill_f16(gpu: &Gpu, k: &Kernels, p: u64, n: usize, v: f32) -> Result<()> {
+    unsafe { launch!(gpu, k.fill_f16, grid_for(n), 256, 0; p, n, v) }
+}

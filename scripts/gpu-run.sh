@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the repository root, with device/ packed by
+# scripts/gpu-pack.sh. Stages (any of them, in order): tests bench serve hf.
+#   tests  kernel tests against CPU references, CUDA runner against the CPU runner
+#   bench  batch-1 decode and 2,048-token prefill, bf16 and 4/8-bit, Qwen2.5-7B and Llama-3-8B shapes
+#   profile  the same for Qwen2.5-7B bf16 and q4_k with TERN_CUDA_PROFILE=1 (GPU time per operation)
+#   serve  `tern serve` cold start and `tern bench serve` at concurrency 1, 8, 32, 128 (128 in / 256 out)
+#   hf     the transformers baseline (../shared/bench/hf_baseline.py) in the same run
+# Logs and JSON go to $OUT (or ./gpu-out); each stage has a time limit and a failure does not
+# stop the others.
+set -uo pipefail
+out="${OUT:-gpu-out}"
+mkdir -p "$out"
+stages="${*:-tests bench serve hf}"
+for f in device/tern device/tern-core-tests; do
+  [ -x "$f" ] || { xz -dkf "$f.xz" && chmod +x "$f"; }
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+qwen=configs/qwen2.5-7b.json
+llama=configs/llama-3-8b.json
+
+has() { [[ " $stages " == *" $1 "* ]]; }
+
+if has tests; then
+  echo "== tests"
+  timeout 300 device/tern-core-tests cuda --nocapture --test-threads 1 >"$out/tests.log" 2>&1
+  grep -E "^test |steps ×|skipped|result" "$out/tests.log"
+  grep -A24 panicked "$out/tests.log" | grep -v "^note:\|backtrace" | head -40
+fi
+
+if has bench; then
+  echo "== bench (batch 1)"
+  for spec in "$qwen bf16" "$llama bf16" "$qwen q4_k" "$qwen q8_0" "$llama q4_k"; do
+    set -- $spec
+    name="$(basename "$1" .json)-$2"
+    echo "-- $name" >>"$out/bench.txt"
+    timeout 150 device/tern bench --device cuda -m "dummy:$1" --dummy-dtype "$2" -p 2048 -n 256 -r 3 \
+      >"$out/one.txt" 2>&1
+    echo "-- $name (exit $?)"
+    cat "$out/one.txt" >>"$out/bench.txt"
+    grep -E "^\| (pp|tg)|copy bandwidth|^device|error" "$out/one.txt"
+  done
+fi
+
+if has profile; then
+  echo "== profile (per-operation GPU time, graphs off)"
+  for spec in "$qwen bf16 ops" "$qwen bf16 steps" "$qwen q4_k ops"; do
+    set -- $spec
+    name="$(basename "$1" .json)-$2-$3"
+    TERN_CUDA_PROFILE=$3 timeout 150 device/tern bench --device cuda -m "dummy:$1" --dummy-dtype "$2" -p 2048 -n 64 -r 1 \
+      >"$out/one.txt" 2>&1
+    echo "-- $name (exit $?)" | tee -a "$out/profile.txt"
+    cat "$out/one.txt" >>"$out/profile.txt"
+    grep -E "^\| |time by" "$out/one.txt" | grep -v "^| test\|^|---" | head -30
+  done
+fi
+
+if has serve; then
+  echo "== serve"
+  port=8123
+  t0=$(date +%s.%N)
+  TERN_CUDA_PROFILE=steps device/tern serve --device cuda -m "dummy:$qwen" --dummy-dtype bf16 --tokenizer device/qwen-tokenizer \
+    --port $port --max-num-seqs 128 --max-num-batched-tokens 4096 >/tmp/serve.log 2>&1 &
+  server=$!
+  for _ in $(seq 1 1200); do grep -q "listening on" /tmp/serve.log && break; sleep 0.05; done
+  curl -s "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt":[1000,2000,3000],"max_tokens":1}' >/dev/null
+  t1=$(date +%s.%N)
+  {
+    echo "cold start (process start to first token served): $(python3 -c "print(f'{$t1 - $t0:.2f} s')")"
+    cat /tmp/serve.log
+    nvidia-smi --query-gpu=memory.used --format=csv
+  } | tee "$out/serve.txt"
+  for c in 1 8 32 128; do
+    n=$((c < 8 ? 8 : c * 2))
+    timeout 150 device/tern bench serve --url "http://127.0.0.1:$port" --num-prompts $n --concurrency $c \
+      --input-len 128 --output-len 256 --json >/tmp/serve-c$c.json 2>>"$out/serve.txt"
+    python3 - /tmp/serve-c$c.json $c <<'PY' | tee -a "$out/serve.txt"
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    print(f"concurrency {sys.argv[2]}: no result ({e})"); sys.exit()
+m = r.get('server_metrics', {})
+steps, step_s, fwd_s = (m.get('tern_engine_' + k, 0) for k in ['steps_total', 'step_seconds_total', 'forward_seconds_total'])
+print(f"concurrency {sys.argv[2]}: {r['completed']}/{r['num_prompts']} done, {r['output_token_throughput']:.1f} output tok/s, "
+      f"TTFT p50 {r['ttft_ms']['p50']:.1f} ms, ITL p50 {r['itl_ms']['p50']:.2f} ms p99 {r['itl_ms']['p99']:.2f} ms; "
+      f"{steps:.0f} engine steps, {1e3 * step_s / max(steps, 1):.2f} ms each, of which forward {1e3 * fwd_s / max(steps, 1):.2f} ms")
+PY
+  done
+  python3 -c "import json,glob; print(json.dumps({f: json.load(open(f)) for f in sorted(glob.glob('/tmp/serve-c*.json'))}, indent=1))" >"$out/serve.json" 2>/dev/null
+  kill -INT $server
+  wait $server
+  echo "server exit $?" | tee -a "$out/serve.txt"
+  grep -E "^\| |time by|stopped" /tmp/serve.log | grep -v "^|---" | tee -a "$out/serve.txt"
+fi
+
+if has hf; then
+  echo "== transformers baseline"
+  PYTHONUNBUFFERED=1 timeout 400 python3 device/hf_baseline.py --batches 1,8,32,128 --out "$out/hf_baseline.json" 2>&1 |
+    tee "$out/hf.log" | tail -25
+fi
+rm -f "$out/one.txt"
