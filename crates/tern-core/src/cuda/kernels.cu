@@ -447,7 +447,8 @@ struct AttnArgs {
   const int* tables;     // [n_seqs][max_blocks]
   int max_blocks;
   const int* tok_seq;
-  const int* tok_pos;  // -1: padding
+  const int* tok_pos;   // -1: padding
+  const int* tok_list;  // the tokens of block rows 0.. (null: token i is block row i)
   int n_heads, n_kv, hd, block_size;
   int window;  // 0: none
   float scale;
@@ -460,7 +461,8 @@ struct AttnArgs {
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode(AttnArgs a) {
   extern __shared__ float smem[];
-  int i = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
+  int bi = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
+  int i = a.tok_list ? a.tok_list[bi] : bi;
   int G = a.n_heads / a.n_kv, hd = a.hd, tid = threadIdx.x;
   int pos = a.tok_pos[i];
   int lo = 0, hi = 0;
@@ -480,9 +482,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode(AttnArgs a
       for (int e = tid; e < G * hd; e += ATT_THREADS) a.out[(size_t)i * a.n_heads * hd + g * G * hd + e] = 0.f;
     } else {
       for (int e = tid; e < G * hd; e += ATT_THREADS)
-        a.part_o[(((size_t)i * a.n_splits + s) * a.n_heads + g * G) * hd + e] = 0.f;
+        a.part_o[(((size_t)bi * a.n_splits + s) * a.n_heads + g * G) * hd + e] = 0.f;
       for (int h = tid; h < G; h += ATT_THREADS) {
-        float* ml = a.part_ml + (((size_t)i * a.n_splits + s) * a.n_heads + g * G + h) * 2;
+        float* ml = a.part_ml + (((size_t)bi * a.n_splits + s) * a.n_heads + g * G + h) * 2;
         ml[0] = -INFINITY;
         ml[1] = 0.f;
       }
@@ -596,34 +598,217 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode(AttnArgs a
     if (a.n_splits == 1) {
       a.out[(size_t)i * a.n_heads * hd + g * G * hd + e] = v / stat[2 * h + 1];
     } else {
-      a.part_o[(((size_t)i * a.n_splits + s) * a.n_heads + g * G) * hd + e] = v;
+      a.part_o[(((size_t)bi * a.n_splits + s) * a.n_heads + g * G) * hd + e] = v;
     }
   }
   if (a.n_splits > 1)
     for (int h = tid; h < G; h += ATT_THREADS) {
-      float* ml = a.part_ml + (((size_t)i * a.n_splits + s) * a.n_heads + g * G + h) * 2;
+      float* ml = a.part_ml + (((size_t)bi * a.n_splits + s) * a.n_heads + g * G + h) * 2;
       ml[0] = stat[2 * h];
       ml[1] = stat[2 * h + 1];
     }
 }
 
-// Merges the splits of attn_decode: grid (token, query head), hd threads.
+// Merges the splits of attn_decode: grid (block row, query head), hd threads.
 extern "C" __global__ void attn_combine(AttnArgs a) {
-  int i = blockIdx.x, h = blockIdx.y, hd = a.hd;
+  int bi = blockIdx.x, h = blockIdx.y, hd = a.hd;
+  int i = a.tok_list ? a.tok_list[bi] : bi;
   float m = -INFINITY;
-  for (int s = 0; s < a.n_splits; s++) m = fmaxf(m, a.part_ml[(((size_t)i * a.n_splits + s) * a.n_heads + h) * 2]);
+  for (int s = 0; s < a.n_splits; s++) m = fmaxf(m, a.part_ml[(((size_t)bi * a.n_splits + s) * a.n_heads + h) * 2]);
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float o = 0.f, l = 0.f;
     for (int s = 0; s < a.n_splits; s++) {
-      const float* ml = a.part_ml + (((size_t)i * a.n_splits + s) * a.n_heads + h) * 2;
+      const float* ml = a.part_ml + (((size_t)bi * a.n_splits + s) * a.n_heads + h) * 2;
       if (ml[1] == 0.f) continue;
       float f = __expf(ml[0] - m);
-      o += f * a.part_o[(((size_t)i * a.n_splits + s) * a.n_heads + h) * hd + d];
+      o += f * a.part_o[(((size_t)bi * a.n_splits + s) * a.n_heads + h) * hd + d];
       l += f * ml[1];
     }
     a.out[(size_t)i * a.n_heads * hd + h * hd + d] = l > 0.f ? o / l : 0.f;
   }
 }
+
+// ------------------------------------------------------------------------------------------
+// Prefill attention, FlashAttention-2 style on the tensor cores: a block takes a tile of up
+// to 64 consecutive query tokens of one sequence and one query head (4 warps × 16 rows); key
+// and value tiles of 64 positions are gathered from the paged cache into shared memory, scores
+// come from mma.sync (bf16 in, f32 accumulate), the softmax is online (running max and sum
+// per row), and P·V is a second mma with P taken straight from the score registers.
+
+#define FA_BK 64
+
+struct FlashArgs {
+  const float* q;
+  int q_ld;
+  const bf16* kv_layer;
+  size_t block_stride;
+  const int* tables;
+  int max_blocks;
+  const int* tiles;  // [n_tiles][4]: first token, tokens (<= 64), sequence, position of the first
+  int n_heads, n_kv, block_size, window;
+  float scale;
+  float* out;
+};
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t pack_bf16_raw(bf16 lo, bf16 hi) {
+  return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
+// c (16×8 f32) += a (16×16 bf16, row) · b (16×8 bf16, col).
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int HD>
+__device__ void attn_prefill_impl(const FlashArgs& a) {
+  constexpr int LD = HD + 8;  // padded rows: the 4 lanes of a quad hit different banks
+  __shared__ __align__(16) bf16 ks[FA_BK * LD];
+  __shared__ __align__(16) bf16 vs[FA_BK * LD];
+  const int* t = a.tiles + blockIdx.x * 4;
+  int tok0 = t[0], ntok = t[1], seq = t[2], pos0 = t[3];
+  int h = blockIdx.y, kvh = h / (a.n_heads / a.n_kv);
+  int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, gid = lane / 4, tq = lane % 4;
+  // This thread's two query rows (C-fragment rows gid and gid + 8 of its warp's 16).
+  int ra = warp * 16 + gid, rb = ra + 8;
+  int qa = pos0 + ra, qb = pos0 + rb;
+  bool va = ra < ntok, vb = rb < ntok;
+  uint32_t qf[HD / 16][4];
+  {
+    const float* xa = a.q + (size_t)(tok0 + min(ra, ntok - 1)) * a.q_ld + h * HD;
+    const float* xb = a.q + (size_t)(tok0 + min(rb, ntok - 1)) * a.q_ld + h * HD;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+      int c = kk * 16 + 2 * tq;
+      qf[kk][0] = pack_bf16(xa[c] * a.scale, xa[c + 1] * a.scale);
+      qf[kk][1] = pack_bf16(xb[c] * a.scale, xb[c + 1] * a.scale);
+      qf[kk][2] = pack_bf16(xa[c + 8] * a.scale, xa[c + 9] * a.scale);
+      qf[kk][3] = pack_bf16(xb[c + 8] * a.scale, xb[c + 9] * a.scale);
+    }
+  }
+  float o[HD / 8][4];
+#pragma unroll
+  for (int d = 0; d < HD / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+  int last = pos0 + ntok - 1;
+  int first = a.window > 0 ? max(0, pos0 + 1 - a.window) : 0;
+  const int* table = a.tables + (size_t)seq * a.max_blocks;
+  size_t head_off = (size_t)kvh * a.block_size * HD, v_off = (size_t)a.block_size * a.n_kv * HD;
+  for (int k0 = first / FA_BK * FA_BK; k0 <= last; k0 += FA_BK) {
+    __syncthreads();  // the previous tile's shared-memory reads are done
+    for (int e = threadIdx.x; e < FA_BK * (HD / 8); e += blockDim.x) {
+      int kk = e / (HD / 8), ch = e % (HD / 8), p = k0 + kk;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (p <= last) {
+        const bf16* base = a.kv_layer + (size_t)table[p / a.block_size] * a.block_stride + head_off +
+                           (size_t)(p % a.block_size) * HD + ch * 8;
+        kv = *reinterpret_cast<const uint4*>(base);
+        vv = *reinterpret_cast<const uint4*>(base + v_off);
+      }
+      *reinterpret_cast<uint4*>(&ks[kk * LD + ch * 8]) = kv;
+      *reinterpret_cast<uint4*>(&vs[kk * LD + ch * 8]) = vv;
+    }
+    __syncthreads();
+    float sc[FA_BK / 8][4];
+#pragma unroll
+    for (int j = 0; j < FA_BK / 8; j++) {
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+      const bf16* kr = &ks[(j * 8 + gid) * LD + 2 * tq];
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; kk++) {
+        uint32_t b0 = *reinterpret_cast<const uint32_t*>(kr + kk * 16);
+        uint32_t b1 = *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 8);
+        mma_bf16(sc[j], qf[kk], b0, b1);
+      }
+    }
+    // Causal (and sliding-window) mask, then the rows' new maxima.
+    float mxa = -INFINITY, mxb = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < FA_BK / 8; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        int kp = k0 + j * 8 + 2 * tq + e;
+        bool oka = va && kp <= qa && (a.window <= 0 || kp > qa - a.window);
+        bool okb = vb && kp <= qb && (a.window <= 0 || kp > qb - a.window);
+        if (!oka) sc[j][e] = -INFINITY;
+        if (!okb) sc[j][2 + e] = -INFINITY;
+        mxa = fmaxf(mxa, sc[j][e]);
+        mxb = fmaxf(mxb, sc[j][2 + e]);
+      }
+    mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 1));
+    mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 2));
+    mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 1));
+    mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 2));
+    float na = fmaxf(m_a, mxa), nb = fmaxf(m_b, mxb);
+    // A row with nothing unmasked yet keeps 0 as its reference (no -inf minus -inf).
+    float ref_a = na == -INFINITY ? 0.f : na, ref_b = nb == -INFINITY ? 0.f : nb;
+    float ca = __expf(m_a - ref_a), cb = __expf(m_b - ref_b);
+    m_a = na;
+    m_b = nb;
+    l_a *= ca;
+    l_b *= cb;
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) {
+      o[d][0] *= ca;
+      o[d][1] *= ca;
+      o[d][2] *= cb;
+      o[d][3] *= cb;
+    }
+#pragma unroll
+    for (int j = 0; j < FA_BK / 8; j++) {
+      sc[j][0] = __expf(sc[j][0] - ref_a);
+      sc[j][1] = __expf(sc[j][1] - ref_a);
+      sc[j][2] = __expf(sc[j][2] - ref_b);
+      sc[j][3] = __expf(sc[j][3] - ref_b);
+      l_a += sc[j][0] + sc[j][1];
+      l_b += sc[j][2] + sc[j][3];
+    }
+    // O += P · V over the tile's 64 keys, 16 at a time.
+#pragma unroll
+    for (int kk = 0; kk < FA_BK / 16; kk++) {
+      uint32_t pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                        pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                        pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+      const bf16* v0 = &vs[(kk * 16 + 2 * tq) * LD + gid];
+#pragma unroll
+      for (int d = 0; d < HD / 8; d++) {
+        const bf16* vd = v0 + d * 8;
+        uint32_t b0 = pack_bf16_raw(vd[0], vd[LD]);
+        uint32_t b1 = pack_bf16_raw(vd[8 * LD], vd[9 * LD]);
+        mma_bf16(o[d], pa, b0, b1);
+      }
+    }
+  }
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+  int qd = a.n_heads * HD;
+#pragma unroll
+  for (int d = 0; d < HD / 8; d++) {
+    int c = h * HD + d * 8 + 2 * tq;
+    if (va) {
+      float* y = a.out + (size_t)(tok0 + ra) * qd + c;
+      y[0] = o[d][0] / l_a;
+      y[1] = o[d][1] / l_a;
+    }
+    if (vb) {
+      float* y = a.out + (size_t)(tok0 + rb) * qd + c;
+      y[0] = o[d][2] / l_b;
+      y[1] = o[d][3] / l_b;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128) attn_prefill_64(FlashArgs a) { attn_prefill_impl<64>(a); }
+extern "C" __global__ void __launch_bounds__(128) attn_prefill_128(FlashArgs a) { attn_prefill_impl<128>(a); }
 
 // ------------------------------------------------------------------------------------------
 // Greedy sampling: out[i] = argmax of logits row i (the first index on ties, as the CPU sampler).

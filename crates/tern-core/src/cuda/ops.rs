@@ -28,6 +28,8 @@ pub struct Kernels {
     rope_kv_write: CUfunction,
     attn_decode: CUfunction,
     attn_combine: CUfunction,
+    attn_prefill_64: CUfunction,
+    attn_prefill_128: CUfunction,
     argmax_rows: CUfunction,
     fill_random_bf16: CUfunction,
     fill_random_bytes: CUfunction,
@@ -59,6 +61,8 @@ impl Kernels {
             rope_kv_write: f("rope_kv_write")?,
             attn_decode: f("attn_decode")?,
             attn_combine: f("attn_combine")?,
+            attn_prefill_64: f("attn_prefill_64")?,
+            attn_prefill_128: f("attn_prefill_128")?,
             argmax_rows: f("argmax_rows")?,
             fill_random_bf16: f("fill_random_bf16")?,
             fill_random_bytes: f("fill_random_bytes")?,
@@ -339,6 +343,7 @@ struct AttnArgs {
     max_blocks: i32,
     tok_seq: u64,
     tok_pos: u64,
+    tok_list: u64,
     n_heads: i32,
     n_kv: i32,
     hd: i32,
@@ -388,7 +393,8 @@ pub fn attn_split(l: &KvLayout, n: usize, max_len: usize, target_blocks: usize, 
 }
 
 /// Attention of every token's query heads over its sequence's cached keys `0..=pos` (the
-/// sliding window when `window > 0`), through the block tables; `out` is n × (n_heads·hd).
+/// sliding window when `window > 0`), through the block tables; `out` is (tokens) × (n_heads·hd).
+/// It runs for `n` tokens: those listed in `tok_list`, or tokens 0..n.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     gpu: &Gpu,
@@ -401,6 +407,7 @@ pub fn attention(
     max_blocks: usize,
     tok_seq: u64,
     tok_pos: u64,
+    tok_list: Option<u64>,
     window: usize,
     n: usize,
     s: AttnSplit,
@@ -419,6 +426,7 @@ pub fn attention(
         max_blocks: max_blocks as i32,
         tok_seq,
         tok_pos,
+        tok_list: tok_list.unwrap_or(0),
         n_heads: l.n_heads as i32,
         n_kv: l.n_kv as i32,
         hd: l.head_dim as i32,
@@ -439,6 +447,73 @@ pub fn attention(
         }
     }
     Ok(())
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlashArgs {
+    q: u64,
+    q_ld: i32,
+    kv_layer: u64,
+    block_stride: usize,
+    tables: u64,
+    max_blocks: i32,
+    tiles: u64,
+    n_heads: i32,
+    n_kv: i32,
+    block_size: i32,
+    window: i32,
+    scale: f32,
+    out: u64,
+}
+
+/// Query tokens per tile of the prefill attention kernel.
+pub const PREFILL_TILE: usize = 64;
+
+/// Whether the tensor-core prefill attention exists for this head size.
+pub fn has_prefill_attention(head_dim: usize) -> bool {
+    matches!(head_dim, 64 | 128)
+}
+
+/// Prefill attention over `n_tiles` tiles (device array of [first token, tokens ≤ 64,
+/// sequence, position of the first] each): every tile's tokens attend causally (and within
+/// the sliding window) to their sequence's cached keys; `out` as for `attention`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefill(
+    gpu: &Gpu,
+    k: &Kernels,
+    l: &KvLayout,
+    q: u64,
+    q_ld: usize,
+    kv_layer: u64,
+    tables: u64,
+    max_blocks: usize,
+    tiles: u64,
+    n_tiles: usize,
+    window: usize,
+    out: u64,
+) -> Result<()> {
+    let f = match l.head_dim {
+        64 => k.attn_prefill_64,
+        128 => k.attn_prefill_128,
+        hd => bail!("no prefill attention kernel for head dim {hd}"),
+    };
+    let args = FlashArgs {
+        q,
+        q_ld: q_ld as i32,
+        kv_layer,
+        block_stride: l.block_stride,
+        tables,
+        max_blocks: max_blocks as i32,
+        tiles,
+        n_heads: l.n_heads as i32,
+        n_kv: l.n_kv as i32,
+        block_size: l.block_size as i32,
+        window: window as i32,
+        scale: 1.0 / (l.head_dim as f32).sqrt(),
+        out,
+    };
+    unsafe { launch!(gpu, f, (n_tiles as u32, l.n_heads as u32, 1), 128, 0; args) }
 }
 
 pub fn argmax_rows(gpu: &Gpu, k: &Kernels, logits: u64, n: usize, vocab: usize, out: u64) -> Result<()> {

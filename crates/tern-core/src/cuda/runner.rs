@@ -36,8 +36,26 @@ struct MetaLayout {
     seq: usize,
     slot: usize,
     rows: usize,
+    /// Tokens that take the decode attention kernel (in eager steps with prefill tiles).
+    dlist: usize,
+    /// Prefill attention tiles: [first token, tokens, sequence, first position] each.
+    tiles: usize,
     tables: usize,
 }
+
+/// How a step's attention is divided between the kernels.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct AttnPlan {
+    /// Tokens for the decode kernel, and whether they are listed (else tokens 0..n_decode).
+    n_decode: usize,
+    listed: bool,
+    split: AttnSplit,
+    n_tiles: usize,
+    table_stride: usize,
+}
+
+/// Chunks longer than this take the tensor-core prefill attention (when the head size has one).
+const PREFILL_MIN_TOKENS: usize = 8;
 
 struct Workspace {
     x: DevBuf,
@@ -63,8 +81,7 @@ struct Workspace {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct GraphKey {
     batch: usize,
-    split: AttnSplit,
-    table_stride: usize,
+    plan: AttnPlan,
 }
 
 pub struct CudaRunner {
@@ -110,7 +127,9 @@ impl CudaRunner {
             seq: 2 * cap_tokens,
             slot: 3 * cap_tokens,
             rows: 4 * cap_tokens,
-            tables: 5 * cap_tokens,
+            dlist: 5 * cap_tokens,
+            tiles: 6 * cap_tokens,
+            tables: 10 * cap_tokens,
         };
         let meta_len = meta_layout.tables + cap_tokens * max_blocks;
         let f32s = |n: usize| DevBuf::alloc(4 * n);
@@ -202,7 +221,7 @@ impl CudaRunner {
 
     /// Enqueues the forward pass of `n` tokens (metadata already on the device) and the
     /// argmax of `m` logit rows.
-    fn enqueue(&self, n: usize, m: usize, split: AttnSplit, table_stride: usize) -> Result<()> {
+    fn enqueue(&self, n: usize, m: usize, plan: AttnPlan) -> Result<()> {
         let (g, k, c, w, ws) = (&self.gpu, &self.k, &self.cfg, &self.model, &self.ws);
         let (d, qd, kvd, f) = (c.hidden, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_hidden);
         let qkv_ld = qd + 2 * kvd;
@@ -243,25 +262,46 @@ impl CudaRunner {
                     n,
                 )
             })?;
-            self.op(if small { "attention (≤8 tokens)" } else { "attention (>8 tokens)" }, || {
-                ops::attention(
-                    g,
-                    k,
-                    &self.layout,
-                    ws.qkv.ptr,
-                    qkv_ld,
-                    kv_layer,
-                    self.meta(ml.tables),
-                    table_stride,
-                    self.meta(ml.seq),
-                    pos,
-                    c.sliding_window.unwrap_or(0),
-                    n,
-                    split,
-                    ws.attn.ptr,
-                    (ws.part_o.ptr, ws.part_ml.ptr),
-                )
-            })?;
+            if plan.n_decode > 0 {
+                self.op(if small { "attention (≤4 tokens)" } else { "attention, decode kernel" }, || {
+                    ops::attention(
+                        g,
+                        k,
+                        &self.layout,
+                        ws.qkv.ptr,
+                        qkv_ld,
+                        kv_layer,
+                        self.meta(ml.tables),
+                        plan.table_stride,
+                        self.meta(ml.seq),
+                        pos,
+                        plan.listed.then(|| self.meta(ml.dlist)),
+                        c.sliding_window.unwrap_or(0),
+                        plan.n_decode,
+                        plan.split,
+                        ws.attn.ptr,
+                        (ws.part_o.ptr, ws.part_ml.ptr),
+                    )
+                })?;
+            }
+            if plan.n_tiles > 0 {
+                self.op("attention, prefill kernel", || {
+                    ops::attention_prefill(
+                        g,
+                        k,
+                        &self.layout,
+                        ws.qkv.ptr,
+                        qkv_ld,
+                        kv_layer,
+                        self.meta(ml.tables),
+                        plan.table_stride,
+                        self.meta(ml.tiles),
+                        plan.n_tiles,
+                        c.sliding_window.unwrap_or(0),
+                        ws.attn.ptr,
+                    )
+                })?;
+            }
             if small {
                 self.op("gemv o", || ops::gemv(g, k, &l.wo, ws.attn.ptr, qd, n, ws.x.ptr, d, true))?;
                 self.op("rms_norm", || {
@@ -360,20 +400,34 @@ impl Runner for CudaRunner {
         let meta = &mut self.host_meta;
         let mut t = 0;
         let mut r = 0;
+        let (mut n_decode, mut n_tiles) = (0, 0);
         let mut max_len = 1;
         let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        let prefill_kernel = ops::has_prefill_attention(self.cfg.head_dim);
         for (ci, ch) in chunks.iter().enumerate() {
             let table = tables[ci];
             if (ch.pos0 + ch.tokens.len()).div_ceil(bs) > table.len() {
                 bail!("chunk {ci}: its block table does not cover its positions");
             }
+            let tiled = prefill_kernel && ch.tokens.len() > PREFILL_MIN_TOKENS;
             for (j, &tok) in ch.tokens.iter().enumerate() {
                 let p = ch.pos0 + j;
                 meta[ml.tokens + t] = tok as i32;
                 meta[ml.pos + t] = p as i32;
                 meta[ml.seq + t] = ci as i32;
                 meta[ml.slot + t] = (table[p / bs] as usize * bs + p % bs) as i32;
-                max_len = max_len.max((p + 1).min(window));
+                if tiled {
+                    if j % ops::PREFILL_TILE == 0 {
+                        let len = (ch.tokens.len() - j).min(ops::PREFILL_TILE);
+                        meta[ml.tiles + 4 * n_tiles..ml.tiles + 4 * n_tiles + 4]
+                            .copy_from_slice(&[t as i32, len as i32, ci as i32, p as i32]);
+                        n_tiles += 1;
+                    }
+                } else {
+                    meta[ml.dlist + n_decode] = t as i32;
+                    n_decode += 1;
+                    max_len = max_len.max((p + 1).min(window));
+                }
                 t += 1;
             }
             if ch.logits.is_some() {
@@ -392,27 +446,31 @@ impl Runner for CudaRunner {
             meta[ml.rows + p] = p as i32;
         }
         let rows = if decode { batch } else { m };
+        if decode {
+            n_decode = batch;
+        }
         // Half the scratch, so that rounding the split count up below still fits.
         let pairs = self.cap_tokens * PAIRS_PER_TOKEN / 2;
-        let mut split = ops::attn_split(&self.layout, batch, max_len, 2 * self.gpu.sm_count, pairs)?;
+        let mut split = ops::attn_split(&self.layout, n_decode.max(1), max_len, 2 * self.gpu.sm_count, pairs)?;
         if decode {
             // Graphs are reused as contexts grow: round the split count up.
             split.n_splits = split.n_splits.next_power_of_two();
         }
+        let plan = AttnPlan { n_decode, listed: !decode && n_decode < n, split, n_tiles, table_stride };
         let used = ml.tables + chunks.len() * table_stride;
         self.gpu.upload(&self.ws.meta, 0, &self.host_meta[..used])?;
         if decode {
-            let key = GraphKey { batch, split, table_stride };
+            let key = GraphKey { batch, plan };
             if !self.graphs.contains_key(&key) {
                 self.gpu.begin_capture()?;
-                let captured = self.enqueue(batch, rows, split, table_stride);
+                let captured = self.enqueue(batch, rows, plan);
                 let graph = self.gpu.end_capture();
                 captured?;
                 self.graphs.insert(key, graph?);
             }
             self.step(&format!("GPU: decode step, batch {batch} (graph)"), || self.gpu.replay(&self.graphs[&key]))?;
         } else {
-            self.step("GPU: prefill or mixed step", || self.enqueue(n, m, split, table_stride))?;
+            self.step("GPU: prefill or mixed step", || self.enqueue(n, m, plan))?;
         }
         self.gpu.download(&self.ws.argmax, 0, &mut self.ids[..rows])?;
         if let Some(p) = &self.profiler {

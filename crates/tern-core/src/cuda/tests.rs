@@ -338,6 +338,7 @@ fn attention_over_paged_kv_matches_reference() {
             stride,
             qsb.ptr,
             qpb.ptr,
+            None,
             window,
             n,
             s,
@@ -346,9 +347,10 @@ fn attention_over_paged_kv_matches_reference() {
         )
         .unwrap();
         let got = download_f32(&g, &out, n * qd);
-        let mut want = vec![0f64; n * qd];
         let first = [0usize, lens[0]];
-        for (qi, &t) in queries.iter().enumerate() {
+        // Reference attention output (all heads) of query token t.
+        let reference = |t: usize| -> Vec<f64> {
+            let mut want = vec![0f64; qd];
             let (sq, p) = (tok_seq[t] as usize, tok_pos[t] as usize);
             let start = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
             for h in 0..nh {
@@ -366,13 +368,75 @@ fn attention_over_paged_kv_matches_reference() {
                 for (jj, j) in (start..=p).enumerate() {
                     let vr = &refv[(first[sq] + j) * kvd + kvh * hd..][..hd];
                     for dd in 0..hd {
-                        want[qi * qd + h * hd + dd] += e[jj] / sum * vr[dd];
+                        want[h * hd + dd] += e[jj] / sum * vr[dd];
                     }
                 }
             }
-        }
+            want
+        };
+        let want: Vec<f64> = queries.iter().flat_map(|&t| reference(t)).collect();
         let e = rel_err(&got, &want);
         assert!(e < 1e-4, "attention heads {nh}/{nkv} hd {hd} window {window} split {s:?}: error {e:.2e}");
+        // The same queries picked by a token list from the whole batch (outputs at their rows).
+        let list: Vec<i32> = queries.iter().map(|&t| t as i32).collect();
+        let (lb, seqb) = (g.buffer_from(&list).unwrap(), g.buffer_from(&tok_seq).unwrap());
+        let out_rows = DevBuf::alloc(4 * n_all * qd).unwrap();
+        ops::attention(
+            &g,
+            &k,
+            &layout,
+            qkvb.ptr,
+            ld,
+            kv.ptr,
+            tb.ptr,
+            stride,
+            seqb.ptr,
+            posb.ptr,
+            Some(lb.ptr),
+            window,
+            n,
+            s,
+            out_rows.ptr,
+            (part_o.ptr, part_ml.ptr),
+        )
+        .unwrap();
+        let all = download_f32(&g, &out_rows, n_all * qd);
+        let got: Vec<f32> = queries.iter().flat_map(|&t| all[t * qd..(t + 1) * qd].to_vec()).collect();
+        assert!(rel_err(&got, &want) < 1e-4, "attention through a token list");
+
+        // The tensor-core prefill kernel: every position of both sequences as a query, in
+        // tiles of up to 64 tokens (bf16 queries and probabilities: a looser tolerance).
+        if !ops::has_prefill_attention(hd) {
+            continue;
+        }
+        let mut tiles: Vec<i32> = Vec::new();
+        for (sq, &l) in lens.iter().enumerate() {
+            for p0 in (0..l).step_by(ops::PREFILL_TILE) {
+                let len = (l - p0).min(ops::PREFILL_TILE);
+                tiles.extend([(first[sq] + p0) as i32, len as i32, sq as i32, p0 as i32]);
+            }
+        }
+        let tb2 = g.buffer_from(&tiles).unwrap();
+        let out_all = g.buffer_from(&vec![f32::NAN; n_all * qd]).unwrap();
+        ops::attention_prefill(
+            &g,
+            &k,
+            &layout,
+            qkvb.ptr,
+            ld,
+            kv.ptr,
+            tb.ptr,
+            stride,
+            tb2.ptr,
+            tiles.len() / 4,
+            window,
+            out_all.ptr,
+        )
+        .unwrap();
+        let got = download_f32(&g, &out_all, n_all * qd);
+        let want: Vec<f64> = (0..n_all).flat_map(reference).collect();
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-2, "prefill attention heads {nh}/{nkv} hd {hd} window {window}: error {e:.2e}");
     }
 }
 
