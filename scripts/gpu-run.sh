@@ -3,9 +3,11 @@
 # scripts/gpu-pack.sh. Stages (any of them, in order): tests bench serve hf.
 #   tests  kernel tests against CPU references, CUDA runner against the CPU runner
 #   bench  batch-1 decode and 2,048-token prefill, bf16 and 4/8-bit, Qwen2.5-7B and Llama-3-8B shapes
+#   nopdl  Qwen2.5-7B bf16 again with programmatic dependent launch off (TERN_CUDA_PDL=0)
 #   profile  the same for Qwen2.5-7B bf16 and q4_k with TERN_CUDA_PROFILE=1 (GPU time per operation)
 #   serve  `tern serve` cold start and `tern bench serve` at concurrency 1, 8, 32, 128 (128 in / 256 out)
 #   hf     the transformers baseline (../shared/bench/hf_baseline.py) in the same run
+#   serveprofile  concurrency 128 against a server with TERN_CUDA_PROFILE=ops (time per kernel)
 # Logs and JSON go to $OUT (or ./gpu-out); each stage has a time limit and a failure does not
 # stop the others.
 set -uo pipefail
@@ -40,6 +42,15 @@ if has bench; then
     cat "$out/one.txt" >>"$out/bench.txt"
     grep -E "^\| (pp|tg)|copy bandwidth|^device|error" "$out/one.txt"
   done
+fi
+
+if has nopdl; then
+  echo "== bench with programmatic dependent launch off (TERN_CUDA_PDL=0)"
+  TERN_CUDA_PDL=0 timeout 150 device/tern bench --device cuda -m "dummy:$qwen" --dummy-dtype bf16 -p 2048 -n 256 -r 3 \
+    >"$out/one.txt" 2>&1
+  echo "-- qwen2.5-7b-bf16, PDL off (exit $?)" | tee -a "$out/bench.txt"
+  cat "$out/one.txt" >>"$out/bench.txt"
+  grep -E "^\| (pp|tg)|copy bandwidth|error" "$out/one.txt"
 fi
 
 if has profile; then
@@ -101,3 +112,18 @@ if has hf; then
     tee "$out/hf.log" | tail -25
 fi
 rm -f "$out/one.txt"
+
+if has serveprofile; then
+  echo "== serve at concurrency 128 with TERN_CUDA_PROFILE=ops (GPU time per operation, graphs off)"
+  port=8124
+  TERN_CUDA_PROFILE=ops device/tern serve --device cuda -m "dummy:$qwen" --dummy-dtype bf16 --tokenizer device/qwen-tokenizer \
+    --port $port --max-num-seqs 128 --max-num-batched-tokens 4096 >/tmp/serve-prof.log 2>&1 &
+  server=$!
+  for _ in $(seq 1 1200); do grep -q "listening on" /tmp/serve-prof.log && break; sleep 0.05; done
+  timeout 150 device/tern bench serve --url "http://127.0.0.1:$port" --num-prompts 128 --concurrency 128 \
+    --input-len 128 --output-len 256 >/dev/null 2>&1
+  kill -INT $server
+  wait $server
+  grep -E "^\| |time by" /tmp/serve-prof.log | grep -v "^|---" | tee "$out/serve-profile.txt"
+  rm -f "$out/one.txt"
+fi

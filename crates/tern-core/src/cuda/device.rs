@@ -37,6 +37,9 @@ pub struct Gpu {
     pub name: String,
     pub sm_count: usize,
     pub ordinal: usize,
+    /// Launch kernels with programmatic dependent launch (Hopper and later; `TERN_CUDA_PDL=0`
+    /// turns it off).
+    pdl: bool,
 }
 
 impl Gpu {
@@ -51,6 +54,7 @@ impl Gpu {
         ctx.bind_to_thread()?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let pdl = ctx.compute_capability()?.0 >= 9 && std::env::var("TERN_CUDA_PDL").map_or(true, |v| v != "0");
         let stream = drv::stream::create(drv::stream::StreamKind::NonBlocking)?;
         // SAFETY: FATBIN is a complete fatbin image produced by nvcc.
         let module = unsafe { drv::module::load_data(FATBIN.as_ptr() as *const c_void) }
@@ -62,7 +66,7 @@ impl Gpu {
             blas::set_stream(blas, stream as blas_sys::cudaStream_t)?;
             blas_sys::cublasSetWorkspace_v2(blas, workspace.ptr as *mut c_void, workspace.bytes).result()?;
         }
-        Ok(Gpu { _ctx: ctx, stream, module, blas, _blas_workspace: workspace, name, sm_count, ordinal })
+        Ok(Gpu { _ctx: ctx, stream, module, blas, _blas_workspace: workspace, name, sm_count, ordinal, pdl })
     }
 
     pub fn function(&self, name: &str) -> Result<sys::CUfunction> {
@@ -98,7 +102,28 @@ impl Gpu {
         smem: usize,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        drv::launch_kernel(f, grid, (block, 1, 1), smem as u32, self.stream, args).context("kernel launch failed")
+        if !self.pdl {
+            return drv::launch_kernel(f, grid, (block, 1, 1), smem as u32, self.stream, args)
+                .context("kernel launch failed");
+        }
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem as u32,
+            hStream: self.stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        sys::cuLaunchKernelEx(&config, f, args.as_mut_ptr(), std::ptr::null_mut())
+            .result()
+            .context("kernel launch failed")
     }
 
     pub fn synchronize(&self) -> Result<()> {

@@ -14,6 +14,18 @@ typedef __nv_bfloat16 bf16;
 
 #define WARP 32
 
+// Programmatic dependent launch (Hopper): the host launches each kernel so that it may start
+// while the previous one finishes; every kernel first waits for its predecessor's results
+// (griddepcontrol.wait, a no-op without the launch attribute), then lets its own successor
+// start launching. This hides most of the gap between the many small kernels of a decode step.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_ENTRY()                                       \
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");   \
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory")
+#else
+#define PDL_ENTRY()
+#endif
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -54,6 +66,7 @@ __device__ __forceinline__ void bf16x8_to_f32(uint4 u, float* f) {
 // x[i, :] = embed[tokens[i], :] (bf16 table), for n rows of width d.
 extern "C" __global__ void embed_bf16(const bf16* __restrict__ table, const int* __restrict__ tokens,
                                       float* __restrict__ x, int n, int d) {
+  PDL_ENTRY();
   int i = blockIdx.x;
   if (i >= n) return;
   const bf16* row = table + (size_t)tokens[i] * d;
@@ -68,6 +81,7 @@ extern "C" __global__ void embed_bf16(const bf16* __restrict__ table, const int*
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     const int* __restrict__ rows, void* __restrict__ out, int out_bf16,
                                     int d, float eps) {
+  PDL_ENTRY();
   __shared__ float red[32];
   int i = blockIdx.x;
   int src = rows ? rows[i] : i;
@@ -98,6 +112,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 
 // act[i, j] = silu(gu[i, j]) * gu[i, f + j], as bf16 (GEMM input) or f32: gu rows are [gate f | up f].
 extern "C" __global__ void silu_mul(const float* __restrict__ gu, void* __restrict__ act, int out_bf16, int n, int f) {
+  PDL_ENTRY();
   size_t total = (size_t)n * f;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
     size_t i = e / f, j = e % f;
@@ -111,6 +126,7 @@ extern "C" __global__ void silu_mul(const float* __restrict__ gu, void* __restri
 }
 
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
+  PDL_ENTRY();
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
     y[e] = __float2bfloat16(x[e]);
 }
@@ -183,6 +199,7 @@ __device__ __forceinline__ void gemv_store(const GemvArgs& a, int r0, float (&ac
 template <class Codec, int N, int WS>
 __device__ void gemv_impl(const Codec cd, GemvArgs a) {
   typedef typename Codec::W W;
+  PDL_ENTRY();
   int lane = threadIdx.x % WARP, sub = (threadIdx.x / WARP) % WS;
   int g = blockIdx.x * (GEMV_WARPS / WS) + (threadIdx.x / WARP) / WS;
   int r0 = g * GEMV_ROWS;
@@ -367,11 +384,13 @@ GEMV_ENTRY(gemv_q4_k, Q4KCodec, (const uint8_t* w, GemvArgs a), (Q4KCodec{w}, a)
 
 extern "C" __global__ void dequant_q8_0_bf16(const int8_t* __restrict__ qs, const __half* __restrict__ d,
                                              bf16* __restrict__ out, size_t n) {
+  PDL_ENTRY();
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
     out[e] = __float2bfloat16(__half2float(d[e / 32]) * qs[e]);
 }
 
 extern "C" __global__ void dequant_q4_k_bf16(const uint8_t* __restrict__ w, bf16* __restrict__ out, size_t n) {
+  PDL_ENTRY();
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
     size_t b = e / 256;
     int t = e % 256, j = t / 32, l = t % 32;
@@ -399,6 +418,7 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, const float* _
                                          const int* __restrict__ pos, const int* __restrict__ slot,
                                          bf16* __restrict__ kv_layer, int n_heads, int n_kv, int hd, int style,
                                          int block_size, size_t block_stride) {
+  PDL_ENTRY();
   int i = blockIdx.x, head = blockIdx.y, f = threadIdx.x;
   if (slot[i] < 0 || f >= hd / 2) return;
   int qd = n_heads * hd, kvd = n_kv * hd, half = hd / 2;
@@ -460,6 +480,7 @@ struct AttnArgs {
 };
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode(AttnArgs a) {
+  PDL_ENTRY();
   extern __shared__ float smem[];
   int bi = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
   int i = a.tok_list ? a.tok_list[bi] : bi;
@@ -611,6 +632,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode(AttnArgs a
 
 // Merges the splits of attn_decode: grid (block row, query head), hd threads.
 extern "C" __global__ void attn_combine(AttnArgs a) {
+  PDL_ENTRY();
   int bi = blockIdx.x, h = blockIdx.y, hd = a.hd;
   int i = a.tok_list ? a.tok_list[bi] : bi;
   float m = -INFINITY;
@@ -672,6 +694,7 @@ __device__ void attn_prefill_impl(const FlashArgs& a) {
   constexpr int LD = HD + 8;  // padded rows: the 4 lanes of a quad hit different banks
   __shared__ __align__(16) bf16 ks[FA_BK * LD];
   __shared__ __align__(16) bf16 vs[FA_BK * LD];
+  PDL_ENTRY();
   const int* t = a.tiles + blockIdx.x * 4;
   int tok0 = t[0], ntok = t[1], seq = t[2], pos0 = t[3];
   int h = blockIdx.y, kvh = h / (a.n_heads / a.n_kv);
@@ -814,6 +837,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill_128(FlashArgs a) 
 // Greedy sampling: out[i] = argmax of logits row i (the first index on ties, as the CPU sampler).
 
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab, int* __restrict__ out) {
+  PDL_ENTRY();
   __shared__ float bv[32];
   __shared__ int bi[32];
   const float* row = logits + (size_t)blockIdx.x * vocab;
@@ -864,6 +888,7 @@ __device__ __forceinline__ uint32_t hash32(uint64_t x) {
 
 // Uniform in [-a, a) with a = std * sqrt(3): the same variance as N(0, std^2).
 extern "C" __global__ void fill_random_bf16(bf16* p, size_t n, uint64_t seed, float std) {
+  PDL_ENTRY();
   float a = std * 1.7320508f;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
     float u = hash32(seed * 0x9E3779B97F4A7C15ULL + e) * (1.0f / 4294967296.0f);
@@ -872,18 +897,21 @@ extern "C" __global__ void fill_random_bf16(bf16* p, size_t n, uint64_t seed, fl
 }
 
 extern "C" __global__ void fill_random_bytes(uint8_t* p, size_t n, uint64_t seed) {
+  PDL_ENTRY();
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
     p[e] = (uint8_t)hash32(seed * 0x9E3779B97F4A7C15ULL + e);
 }
 
 // Sets one f16 field at byte `at` of every `block_bytes`-sized block (scales of random blocks).
 extern "C" __global__ void set_block_f16(uint8_t* p, size_t n_blocks, int block_bytes, int at, float value) {
+  PDL_ENTRY();
   __half v = __float2half(value);
   for (size_t b = blockIdx.x * (size_t)blockDim.x + threadIdx.x; b < n_blocks; b += (size_t)gridDim.x * blockDim.x)
     *reinterpret_cast<__half*>(p + b * block_bytes + at) = v;
 }
 
 extern "C" __global__ void fill_f16(__half* p, size_t n, float value) {
+  PDL_ENTRY();
   __half v = __float2half(value);
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) p[e] = v;
 }
