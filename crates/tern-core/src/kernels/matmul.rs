@@ -69,7 +69,7 @@ scalar_kernels!(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, 
 pub(crate) fn kernel_for(dtype: DType, level: CpuLevel) -> Kernel {
     #[cfg(target_arch = "x86_64")]
     if level >= CpuLevel::Avx2 {
-        if let Some(k) = super::avx2::kernel(dtype) {
+        if let Some(k) = super::avx2::kernel(dtype, level) {
             return k;
         }
     }

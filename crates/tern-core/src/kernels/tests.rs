@@ -134,6 +134,9 @@ fn levels() -> Vec<CpuLevel> {
     if cpu_features().detected >= CpuLevel::Avx2 {
         v.push(CpuLevel::Avx2);
     }
+    if cpu_features().detected >= CpuLevel::Avx512 {
+        v.push(CpuLevel::Avx512);
+    }
     v
 }
 
