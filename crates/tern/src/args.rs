@@ -182,7 +182,8 @@ impl SamplingArgs {
 /// How the serving engine is sized (shared by every command that runs the engine).
 #[derive(Args, Debug, Clone)]
 pub struct EngineArgs {
-    /// Memory for the KV cache, e.g. 2GiB, 512MiB or bytes (default: 30% of available memory).
+    /// Memory for the KV cache, e.g. 2GiB, 512MiB or bytes (default: 30% of available memory;
+    /// on a GPU, 90% of the device memory free after weights and buffers).
     #[arg(long)]
     pub kv_cache_memory: Option<String>,
     /// Most sequences in one engine step.
