@@ -117,9 +117,10 @@ impl CudaRunner {
         let c = model.config.clone();
         ensure!(c.head_dim % 8 == 0 && c.hidden % 8 == 0, "the CUDA kernels need dimensions in multiples of 8");
         let (qd, kvd, f) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_hidden);
-        let cap_tokens = cfg.max_num_batched_tokens.max(cfg.max_num_seqs).max(MAX_GRAPH_BATCH.min(cfg.max_num_seqs));
+        // Logit rows: one per sequence, rounded up to a graph bucket; tokens: a step's budget,
+        // and at least one padded decode bucket.
         let cap_rows = cfg.max_num_seqs.max(1).next_power_of_two();
-        let cap_tokens = cap_tokens.max(cap_rows);
+        let cap_tokens = cfg.max_num_batched_tokens.max(cap_rows);
         let max_blocks = c.max_context.div_ceil(cfg.block_size);
         let meta_layout = MetaLayout {
             tokens: 0,
