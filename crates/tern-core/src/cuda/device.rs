@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// The kernels compiled by build.rs.
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
 
-/// Shared memory a kernel may ask for beyond the default 48 KiB (attention's score rows).
+/// Shared memory a kernel may ask for beyond the default 48 KiB (decode attention's per-warp outputs).
 pub const MAX_DYNAMIC_SMEM: usize = 96 * 1024;
 
 /// Checks that the NVIDIA driver library can be loaded, so that a machine without one gets a

@@ -2,13 +2,16 @@
 // GPU + PTX), loaded once per process. Every kernel has a plain CPU reference in
 // cuda/tests.rs (or the CPU decoder) that its test compares against on random inputs.
 //
-// Conventions: activations are f32, weights bf16 or GGUF blocks, the KV cache is bf16.
+// Conventions: activations are f32 (q8 as the input of quantized matrix-vector products),
+// weights bf16 or GGUF blocks, the KV cache is bf16.
 // The paged KV cache is one arena of blocks; block b of layer l holds K then V, each laid out
 // [kv_head][block_size][head_dim], so one head's keys of a block are contiguous.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <type_traits>
 
 typedef __nv_bfloat16 bf16;
 
@@ -73,14 +76,41 @@ extern "C" __global__ void embed_bf16(const bf16* __restrict__ table, const int*
   for (int j = threadIdx.x; j < d; j += blockDim.x) x[(size_t)i * d + j] = __bfloat162float(row[j]);
 }
 
-// out[i, :] = x[i, :] * rsqrt(mean(x[i, :]^2) + eps) * w, as bf16 (GEMM input) or f32.
+// Activations for the quantized matrix-vector products: int8 values in groups of 32 with a
+// scale d = max|x| / 127 and d · (sum of the group's int8 values), as llama.cpp's q8_1, so the
+// products run on dp4a. The warp holds one group (element e at lane e % 32).
+__device__ __forceinline__ void put_q8(float v, size_t e, int8_t* __restrict__ xq, float2* __restrict__ xds) {
+  float amax = warp_max(fabsf(v));
+  float d = amax / 127.f;
+  int q = amax > 0.f ? __float2int_rn(v / d) : 0;
+  int sum = q;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  xq[e] = (int8_t)q;
+  if (e % WARP == 0) xds[e / WARP] = make_float2(d, d * (float)sum);
+}
+
+// Where a row kernel writes its output: f32, bf16 (GEMM input) or q8 (quantized GEMV input).
+enum OutKind { OUT_F32 = 0, OUT_BF16 = 1, OUT_Q8 = 2 };
+
+__device__ __forceinline__ void put_out(int kind, void* out, float2* xds, size_t e, float y) {
+  if (kind == OUT_Q8)
+    put_q8(y, e, (int8_t*)out, xds);
+  else if (kind == OUT_BF16)
+    ((bf16*)out)[e] = __float2bfloat16(y);
+  else
+    ((float*)out)[e] = y;
+}
+
+// out[i, :] = x[i, :] * rsqrt(mean(x[i, :]^2) + eps) * w, in the output kind (q8 needs d % 32
+// == 0 and a multiple of 32 threads, so each warp holds whole groups).
 // Row i of the output reads input row rows[i] when `rows` is given (logit rows), else row i.
 // One block per row; a thread keeps its (up to 8) values in registers between the two passes,
 // so a row is read from memory once.
 #define NORM_VALS 8
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
-                                    const int* __restrict__ rows, void* __restrict__ out, int out_bf16,
-                                    int d, float eps) {
+                                    const int* __restrict__ rows, void* __restrict__ out, float2* __restrict__ xds,
+                                    int kind, int d, float eps) {
   PDL_ENTRY();
   __shared__ float red[32];
   int i = blockIdx.x;
@@ -96,33 +126,34 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
   }
   for (int j = threadIdx.x + NORM_VALS * blockDim.x; j < d; j += blockDim.x) ss += xr[j] * xr[j];
   float inv = rsqrtf(block_sum(ss, red) / d + eps);
-  auto put = [&](int j, float y) {
-    if (out_bf16)
-      ((bf16*)out)[(size_t)i * d + j] = __float2bfloat16(y);
-    else
-      ((float*)out)[(size_t)i * d + j] = y;
-  };
 #pragma unroll
   for (int e = 0; e < NORM_VALS; e++) {
     int j = threadIdx.x + e * blockDim.x;
-    if (j < d) put(j, v[e] * inv * w[j]);
+    if (j < d) put_out(kind, out, xds, (size_t)i * d + j, v[e] * inv * w[j]);
   }
-  for (int j = threadIdx.x + NORM_VALS * blockDim.x; j < d; j += blockDim.x) put(j, xr[j] * inv * w[j]);
+  for (int j = threadIdx.x + NORM_VALS * blockDim.x; j < d; j += blockDim.x)
+    put_out(kind, out, xds, (size_t)i * d + j, xr[j] * inv * w[j]);
 }
 
-// act[i, j] = silu(gu[i, j]) * gu[i, f + j], as bf16 (GEMM input) or f32: gu rows are [gate f | up f].
-extern "C" __global__ void silu_mul(const float* __restrict__ gu, void* __restrict__ act, int out_bf16, int n, int f) {
+// act[i, j] = silu(gu[i, j]) * gu[i, f + j], in the output kind: gu rows are [gate f | up f].
+extern "C" __global__ void silu_mul(const float* __restrict__ gu, void* __restrict__ act, float2* __restrict__ xds,
+                                    int kind, int n, int f) {
   PDL_ENTRY();
   size_t total = (size_t)n * f;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
     size_t i = e / f, j = e % f;
     float g = gu[i * 2 * f + j], u = gu[i * 2 * f + f + j];
-    float v = g / (1.f + __expf(-g)) * u;
-    if (out_bf16)
-      ((bf16*)act)[e] = __float2bfloat16(v);
-    else
-      ((float*)act)[e] = v;
+    put_out(kind, act, xds, e, g / (1.f + __expf(-g)) * u);
   }
+}
+
+// q8 activations of n rows of k values (row stride ldx), written densely [n][k].
+extern "C" __global__ void quantize_q8(const float* __restrict__ x, int ldx, int8_t* __restrict__ xq,
+                                       float2* __restrict__ xds, int n, int k) {
+  PDL_ENTRY();
+  size_t total = (size_t)n * k;
+  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x)
+    put_q8(x[(e / k) * ldx + e % k], e, xq, xds);
 }
 
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
@@ -138,15 +169,19 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __rest
 // 512 bytes; WS = 4 gives matrices with few, long rows (q/k/v, o and down of a 7B model) four
 // times the warps. Each lane issues the codec's UNROLL pieces of every row before using any,
 // so enough bytes are in flight to cover memory latency. `accumulate` adds into y (the
-// residual stream). Activations (a few KB per row) are read through L1 by every warp.
+// residual stream). Activations (a few KB per row) are read through L1 by every warp: f32
+// for bf16 weights, q8 for quantized weights, whose products are integer (dp4a) per group of
+// 32 — converting every weight to float would make the kernel arithmetic-bound.
 
 #define GEMV_ROWS 2
 #define GEMV_WARPS 4
 #define GEMV_THREADS (GEMV_WARPS * WARP)
 
 struct GemvArgs {
-  const float* x;
+  const float* x;  // f32 inputs (bf16 weights), row stride ldx
   int ldx;
+  const int8_t* xq;   // q8 inputs (quantized weights), [n][k]
+  const float2* xds;  // their (scale, scale · sum) per 32, [n][k / 32]
   float* y;
   int ldy;
   int rows;
@@ -264,16 +299,15 @@ struct Q8Codec {
     return p;
   }
   __device__ __forceinline__ void dot(const GemvArgs& a, int i, int c, const W* wq, float* acc) const {
-    float xv[16];
-    gemv_input8(a, i, c * 16, xv);
-    gemv_input8(a, i, c * 16 + 8, xv + 8);
+    int4 xv = *reinterpret_cast<const int4*>(a.xq + (size_t)i * a.k + c * 16);
+    float xd = a.xds[(size_t)i * (a.k / 32) + c / 2].x;
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
-      const int8_t* q = reinterpret_cast<const int8_t*>(&wq[r].q);
-      float t = 0.f;
-#pragma unroll
-      for (int e = 0; e < 16; e++) t = fmaf((float)q[e], xv[e], t);
-      acc[r] = fmaf(wq[r].d, t, acc[r]);
+      int t = __dp4a(wq[r].q.x, xv.x, 0);
+      t = __dp4a(wq[r].q.y, xv.y, t);
+      t = __dp4a(wq[r].q.z, xv.z, t);
+      t = __dp4a(wq[r].q.w, xv.w, t);
+      acc[r] = fmaf(wq[r].d * xd, (float)t, acc[r]);
     }
   }
 };
@@ -331,17 +365,12 @@ struct Q4KCodec {
     int j = (c % 8) / 2;
     int col_lo = (c / 8) * 256 + j * 64 + (c % 2) * 16;  // 16 values of sub-block 2j
     int col_hi = col_lo + 32;                            // 16 values of sub-block 2j+1
-    float xl[16], xh[16];
-    gemv_input8(a, i, col_lo, xl);
-    gemv_input8(a, i, col_lo + 8, xl + 8);
-    gemv_input8(a, i, col_hi, xh);
-    gemv_input8(a, i, col_hi + 8, xh + 8);
-    float sl = 0.f, sh = 0.f;
-#pragma unroll
-    for (int e = 0; e < 16; e++) {
-      sl += xl[e];
-      sh += xh[e];
-    }
+    const int8_t* xr = a.xq + (size_t)i * a.k;
+    const float2* ds = a.xds + (size_t)i * (a.k / 32);
+    int4 xl = *reinterpret_cast<const int4*>(xr + col_lo), xh = *reinterpret_cast<const int4*>(xr + col_hi);
+    float2 dl = ds[col_lo / 32], dh = ds[col_hi / 32];
+    // The mins multiply the sums of whole sub-blocks: the piece with the first half adds them.
+    bool first = c % 2 == 0;
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
       const __half2 dm = *reinterpret_cast<const __half2*>(&wq[r].hdr.x);
@@ -349,14 +378,17 @@ struct Q4KCodec {
       float sc1, mn1, sc2, mn2;
       q4k_scale_min_regs(wq[r].hdr.y, wq[r].hdr.z, wq[r].hdr.w, 2 * j, &sc1, &mn1);
       q4k_scale_min_regs(wq[r].hdr.y, wq[r].hdr.z, wq[r].hdr.w, 2 * j + 1, &sc2, &mn2);
-      const uint8_t* qb = reinterpret_cast<const uint8_t*>(&wq[r].q);
-      float dl = 0.f, dh = 0.f;
-#pragma unroll
-      for (int e = 0; e < 16; e++) {
-        dl = fmaf((float)(qb[e] & 0xF), xl[e], dl);
-        dh = fmaf((float)(qb[e] >> 4), xh[e], dh);
-      }
-      acc[r] += dd * (sc1 * dl + sc2 * dh) - dmin * (mn1 * sl + mn2 * sh);
+      const uint4 q = wq[r].q;
+      int tl = __dp4a((int)(q.x & 0x0F0F0F0Fu), xl.x, 0), th = __dp4a((int)((q.x >> 4) & 0x0F0F0F0Fu), xh.x, 0);
+      tl = __dp4a((int)(q.y & 0x0F0F0F0Fu), xl.y, tl);
+      th = __dp4a((int)((q.y >> 4) & 0x0F0F0F0Fu), xh.y, th);
+      tl = __dp4a((int)(q.z & 0x0F0F0F0Fu), xl.z, tl);
+      th = __dp4a((int)((q.z >> 4) & 0x0F0F0F0Fu), xh.z, th);
+      tl = __dp4a((int)(q.w & 0x0F0F0F0Fu), xl.w, tl);
+      th = __dp4a((int)((q.w >> 4) & 0x0F0F0F0Fu), xh.w, th);
+      float v = dd * (sc1 * dl.x * (float)tl + sc2 * dh.x * (float)th);
+      if (first) v -= dmin * (mn1 * dl.y + mn2 * dh.y);
+      acc[r] += v;
     }
   }
 };
@@ -452,11 +484,17 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, const float* _
 // ------------------------------------------------------------------------------------------
 // Attention over the paged cache, split-K ("flash decoding"): one block per (query token,
 // KV head, split of the keys); the G query heads sharing that KV head read each key once.
-// Each thread scores whole keys (no reductions per key), softmax statistics per head, then
-// values are accumulated with threads over (key group, dim pair). Splits write unnormalized
-// partial results that attn_combine merges; with one split the block writes the output.
+// Each of the 4 warps walks tiles of 32 keys with an online softmax: lane j scores key j of
+// the tile for all G heads (the whole key row in flight at once), then the warp accumulates
+// P·V with each V row read as one coalesced piece (all 32 rows of the tile in flight). The
+// warps' partial results are merged in shared memory; with several splits the block writes
+// unnormalized partials (and max, sum) that attn_combine merges.
+//
+// Keys per split: at least `split`, and enough that `n_splits` splits cover the sequence, so
+// a captured graph stays valid as its sequences grow.
 
 #define ATT_THREADS 128
+#define ATT_WARPS 4
 #define MAX_GROUP 16
 
 struct AttnArgs {
@@ -472,179 +510,231 @@ struct AttnArgs {
   int n_heads, n_kv, hd, block_size;
   int window;  // 0: none
   float scale;
-  int split;  // keys per split
+  int split;  // fewest keys per split
   float* out;  // [n][n_heads * hd]
   float* part_o;  // [n][n_splits][n_heads][hd]
   float* part_ml;  // [n][n_splits][n_heads][2]
   int n_splits;
 };
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode(AttnArgs a) {
+template <int HD, int GMAX>
+__device__ void attn_decode_impl(const AttnArgs& a) {
+  // V: each lane holds DPL dims of one key row; LPK lanes cover a row, KPW rows at a time.
+  constexpr int DPL = HD >= 256 ? HD / 32 : 4, LPK = HD / DPL, KPW = WARP / LPK;
+  constexpr int KCH = HD < 128 ? HD : 128;  // key dims loaded at once in the score phase
+  typedef typename std::conditional<DPL == 8, uint4, uint2>::type VT;
   PDL_ENTRY();
   extern __shared__ float smem[];
   int bi = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
   int i = a.tok_list ? a.tok_list[bi] : bi;
-  int G = a.n_heads / a.n_kv, hd = a.hd, tid = threadIdx.x;
+  int G = a.n_heads / a.n_kv, tid = threadIdx.x, lane = tid % WARP, w = tid / WARP;
   int pos = a.tok_pos[i];
   int lo = 0, hi = 0;
   if (pos >= 0) {
     int start = a.window > 0 ? max(0, pos + 1 - a.window) : 0;
-    lo = start + s * a.split;
-    hi = min(pos + 1, lo + a.split);
+    int len = pos + 1 - start;
+    int per = max(a.split, (len + a.n_splits - 1) / a.n_splits);
+    per = (per + WARP - 1) / WARP * WARP;
+    lo = start + s * per;
+    hi = min(pos + 1, lo + per);
   }
-  int nk = max(0, hi - lo);
-  float* qs = smem;              // [G][hd]
-  float* sc = qs + G * hd;       // [G][split]
-  float* red = sc + G * a.split; // [ATT_THREADS / (hd/2)][G][hd] partial outputs
-  float* stat = red + (ATT_THREADS / (hd / 2)) * G * hd;  // [G][2]: max, 1/sum or sum
-  if (nk == 0) {
+  size_t out_off = (size_t)i * a.n_heads * HD + g * G * HD;
+  size_t part = ((size_t)bi * a.n_splits + s) * a.n_heads + g * G;
+  if (hi <= lo) {
     // Nothing to attend to: padding, or a split past the end.
-    if (a.n_splits == 1) {
-      for (int e = tid; e < G * hd; e += ATT_THREADS) a.out[(size_t)i * a.n_heads * hd + g * G * hd + e] = 0.f;
-    } else {
-      for (int e = tid; e < G * hd; e += ATT_THREADS)
-        a.part_o[(((size_t)bi * a.n_splits + s) * a.n_heads + g * G) * hd + e] = 0.f;
-      for (int h = tid; h < G; h += ATT_THREADS) {
-        float* ml = a.part_ml + (((size_t)bi * a.n_splits + s) * a.n_heads + g * G + h) * 2;
-        ml[0] = -INFINITY;
-        ml[1] = 0.f;
-      }
+    for (int e = tid; e < G * HD; e += ATT_THREADS) {
+      if (a.n_splits == 1)
+        a.out[out_off + e] = 0.f;
+      else
+        a.part_o[part * HD + e] = 0.f;
+    }
+    if (a.n_splits > 1 && tid < G) {
+      a.part_ml[(part + tid) * 2] = -INFINITY;
+      a.part_ml[(part + tid) * 2 + 1] = 0.f;
     }
     return;
   }
-  const float* qrow = a.q + (size_t)i * a.q_ld + g * G * hd;
-  for (int e = tid; e < G * hd; e += ATT_THREADS) qs[e] = qrow[e] * a.scale;
+  float* qs = smem;                          // [G][HD] scaled queries
+  float* ps = qs + G * HD;                   // [ATT_WARPS][G][32] probabilities of a tile
+  float* ow = ps + ATT_WARPS * G * WARP;     // [ATT_WARPS][G][HD] warp outputs
+  float* mlw = ow + ATT_WARPS * G * HD;      // [ATT_WARPS][G][2] warp max and sum
+  const float* qrow = a.q + (size_t)i * a.q_ld + g * G * HD;
+  for (int e = tid; e < G * HD; e += ATT_THREADS) qs[e] = qrow[e] * a.scale;
   __syncthreads();
   const int* table = a.tables + (size_t)a.tok_seq[i] * a.max_blocks;
-  size_t head_off = (size_t)g * a.block_size * hd;
-  // Scores: thread t takes keys lo+t, lo+t+128, ...; each key's row is loaded 64 bytes at a
-  // time so the loads overlap.
-  for (int t = tid; t < nk; t += ATT_THREADS) {
-    int p = lo + t;
-    const bf16* k = a.kv_layer + (size_t)table[p / a.block_size] * a.block_stride + head_off + (size_t)(p % a.block_size) * hd;
-    float acc[MAX_GROUP];
+  size_t k_off = (size_t)g * a.block_size * HD, v_off = k_off + (size_t)a.block_size * a.n_kv * HD;
+  float m[GMAX], l[GMAX], o[GMAX][DPL];
 #pragma unroll
-    for (int h = 0; h < MAX_GROUP; h++) acc[h] = 0.f;
-    for (int d0 = 0; d0 < hd; d0 += 32) {
-      uint4 kq[4];
+  for (int h = 0; h < GMAX; h++) {
+    m[h] = -INFINITY;
+    l[h] = 0.f;
 #pragma unroll
-      for (int u = 0; u < 4; u++)
-        if (d0 + 8 * u < hd) kq[u] = *reinterpret_cast<const uint4*>(k + d0 + 8 * u);
+    for (int d = 0; d < DPL; d++) o[h][d] = 0.f;
+  }
+  float* pw = ps + w * G * WARP;
+  for (int t0 = lo + w * WARP; t0 < hi; t0 += ATT_WARPS * WARP) {
+    // Scores of key t0 + lane.
+    int p = t0 + lane;
+    bool valid = p < hi;
+    float sc[GMAX];
 #pragma unroll
-      for (int u = 0; u < 4; u++) {
-        if (d0 + 8 * u >= hd) break;
-        float kf[8];
-        bf16x8_to_f32(kq[u], kf);
+    for (int h = 0; h < GMAX; h++) sc[h] = 0.f;
+    if (valid) {
+      const bf16* k = a.kv_layer + (size_t)table[p / a.block_size] * a.block_stride + k_off + (size_t)(p % a.block_size) * HD;
 #pragma unroll
-        for (int h = 0; h < MAX_GROUP; h++) {
-          if (h < G) {
-            const float* qh = qs + h * hd + d0 + 8 * u;
+      for (int d0 = 0; d0 < HD; d0 += KCH) {
+        uint4 kq[KCH / 8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) acc[h] = fmaf(qh[e], kf[e], acc[h]);
+        for (int u = 0; u < KCH / 8; u++) kq[u] = *reinterpret_cast<const uint4*>(k + d0 + 8 * u);
+#pragma unroll
+        for (int u = 0; u < KCH / 8; u++) {
+          float kf[8];
+          bf16x8_to_f32(kq[u], kf);
+#pragma unroll
+          for (int h = 0; h < GMAX; h++) {
+            if (h < G) {
+              const float4* qh = reinterpret_cast<const float4*>(qs + h * HD + d0 + 8 * u);
+              float4 q0 = qh[0], q1 = qh[1];
+              sc[h] = fmaf(q0.x, kf[0], sc[h]);
+              sc[h] = fmaf(q0.y, kf[1], sc[h]);
+              sc[h] = fmaf(q0.z, kf[2], sc[h]);
+              sc[h] = fmaf(q0.w, kf[3], sc[h]);
+              sc[h] = fmaf(q1.x, kf[4], sc[h]);
+              sc[h] = fmaf(q1.y, kf[5], sc[h]);
+              sc[h] = fmaf(q1.z, kf[6], sc[h]);
+              sc[h] = fmaf(q1.w, kf[7], sc[h]);
+            }
           }
         }
       }
     }
+    // Online softmax: the tile's max per head rescales what came before.
 #pragma unroll
-    for (int h = 0; h < MAX_GROUP; h++)
-      if (h < G) sc[h * a.split + t] = acc[h];
-  }
-  __syncthreads();
-  // Softmax statistics: warp w handles heads w, w+4, ...
-  int lane = tid % WARP, w = tid / WARP;
-  for (int h = w; h < G; h += ATT_THREADS / WARP) {
-    float m = -INFINITY;
-    for (int t = lane; t < nk; t += WARP) m = fmaxf(m, sc[h * a.split + t]);
-    m = warp_max(m);
-    float l = 0.f;
-    for (int t = lane; t < nk; t += WARP) {
-      float e = __expf(sc[h * a.split + t] - m);
-      sc[h * a.split + t] = e;
-      l += e;
-    }
-    l = warp_sum(l);
-    if (lane == 0) {
-      stat[2 * h] = m;
-      stat[2 * h + 1] = l;
-    }
-  }
-  __syncthreads();
-  // Values: thread = (key group kg, dim pair dp).
-  int pairs = hd / 2, groups = ATT_THREADS / pairs;
-  int dp = tid % pairs, kg = tid / pairs;
-  float2 o[MAX_GROUP];
-#pragma unroll
-  for (int h = 0; h < MAX_GROUP; h++) o[h] = make_float2(0.f, 0.f);
-  if (kg < groups) {
-    // Four keys' values in flight per thread.
-    for (int t0 = kg; t0 < nk; t0 += 4 * groups) {
-      float2 vf[4];
-#pragma unroll
-      for (int u = 0; u < 4; u++) {
-        int t = t0 + u * groups;
-        if (t < nk) {
-          int p = lo + t;
-          const bf16* v = a.kv_layer + (size_t)table[p / a.block_size] * a.block_stride +
-                          (size_t)a.block_size * a.n_kv * hd + head_off + (size_t)(p % a.block_size) * hd;
-          vf[u] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(v + 2 * dp));
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < 4; u++) {
-        int t = t0 + u * groups;
-        if (t >= nk) break;
-#pragma unroll
-        for (int h = 0; h < MAX_GROUP; h++) {
-          if (h < G) {
-            float pw = sc[h * a.split + t];
-            o[h].x = fmaf(pw, vf[u].x, o[h].x);
-            o[h].y = fmaf(pw, vf[u].y, o[h].y);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < MAX_GROUP; h++) {
+    for (int h = 0; h < GMAX; h++) {
       if (h < G) {
-        red[(kg * G + h) * hd + 2 * dp] = o[h].x;
-        red[(kg * G + h) * hd + 2 * dp + 1] = o[h].y;
+        float mt = warp_max(valid ? sc[h] : -INFINITY);
+        float mn = fmaxf(m[h], mt);
+        float corr = __expf(m[h] - mn);
+        float pr = valid ? __expf(sc[h] - mn) : 0.f;
+        m[h] = mn;
+        l[h] = l[h] * corr + pr;  // per lane; summed over the warp at the end
+#pragma unroll
+        for (int d = 0; d < DPL; d++) o[h][d] *= corr;
+        pw[h * WARP + lane] = pr;
+      }
+    }
+    __syncwarp();
+    // P·V: lane takes dims (lane % LPK)·DPL.. of rows lane / LPK, + KPW, ...
+    int dl = (lane % LPK) * DPL, kr = lane / LPK;
+    VT vq[WARP / KPW];
+#pragma unroll
+    for (int u = 0; u < WARP / KPW; u++) {
+      int pv = t0 + u * KPW + kr;
+      if (pv < hi) {
+        const bf16* v = a.kv_layer + (size_t)table[pv / a.block_size] * a.block_stride + v_off + (size_t)(pv % a.block_size) * HD;
+        vq[u] = *reinterpret_cast<const VT*>(v + dl);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < WARP / KPW; u++) {
+      int kt = u * KPW + kr;
+      if (t0 + kt >= hi) break;
+      float vf[DPL];
+      const __nv_bfloat162* h2 = reinterpret_cast<const __nv_bfloat162*>(&vq[u]);
+#pragma unroll
+      for (int d = 0; d < DPL / 2; d++) {
+        float2 f2 = __bfloat1622float2(h2[d]);
+        vf[2 * d] = f2.x;
+        vf[2 * d + 1] = f2.y;
+      }
+#pragma unroll
+      for (int h = 0; h < GMAX; h++) {
+        if (h < G) {
+          float pr = pw[h * WARP + kt];
+#pragma unroll
+          for (int d = 0; d < DPL; d++) o[h][d] = fmaf(pr, vf[d], o[h][d]);
+        }
+      }
+    }
+    __syncwarp();
+  }
+  // The warp's sums over its lanes (rows of different keys hold the same dims), to shared memory.
+#pragma unroll
+  for (int h = 0; h < GMAX; h++) {
+    if (h < G) {
+      float lw = warp_sum(l[h]);
+#pragma unroll
+      for (int d = 0; d < DPL; d++)
+#pragma unroll
+        for (int off = LPK; off < WARP; off *= 2) o[h][d] += __shfl_xor_sync(0xffffffffu, o[h][d], off);
+      if (lane < LPK)
+#pragma unroll
+        for (int d = 0; d < DPL; d++) ow[(w * G + h) * HD + lane * DPL + d] = o[h][d];
+      if (lane == 0) {
+        mlw[(w * G + h) * 2] = m[h];
+        mlw[(w * G + h) * 2 + 1] = lw;
       }
     }
   }
   __syncthreads();
-  for (int e = tid; e < G * hd; e += ATT_THREADS) {
-    int h = e / hd;
-    float v = 0.f;
-    for (int q = 0; q < groups; q++) v += red[q * G * hd + e];
+  // Merge the warps.
+  for (int e = tid; e < G * HD; e += ATT_THREADS) {
+    int h = e / HD;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < ATT_WARPS; q++) mx = fmaxf(mx, mlw[(q * G + h) * 2]);
+    float ov = 0.f, lv = 0.f;
+#pragma unroll
+    for (int q = 0; q < ATT_WARPS; q++) {
+      float f = mlw[(q * G + h) * 2 + 1] > 0.f ? __expf(mlw[(q * G + h) * 2] - mx) : 0.f;
+      ov += f * ow[(q * G + h) * HD + e % HD];
+      lv += f * mlw[(q * G + h) * 2 + 1];
+    }
     if (a.n_splits == 1) {
-      a.out[(size_t)i * a.n_heads * hd + g * G * hd + e] = v / stat[2 * h + 1];
+      a.out[out_off + e] = ov / lv;
     } else {
-      a.part_o[(((size_t)bi * a.n_splits + s) * a.n_heads + g * G) * hd + e] = v;
+      a.part_o[part * HD + e] = ov;
+      if (e % HD == 0) {
+        a.part_ml[(part + h) * 2] = mx;
+        a.part_ml[(part + h) * 2 + 1] = lv;
+      }
     }
   }
-  if (a.n_splits > 1)
-    for (int h = tid; h < G; h += ATT_THREADS) {
-      float* ml = a.part_ml + (((size_t)bi * a.n_splits + s) * a.n_heads + g * G + h) * 2;
-      ml[0] = stat[2 * h];
-      ml[1] = stat[2 * h + 1];
-    }
 }
 
-// Merges the splits of attn_decode: grid (block row, query head), hd threads.
+#define ATTN_DECODE(HD, GMAX) \
+  extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode_##HD##_##GMAX(AttnArgs a) { attn_decode_impl<HD, GMAX>(a); }
+ATTN_DECODE(16, 8)
+ATTN_DECODE(16, 16)
+ATTN_DECODE(32, 8)
+ATTN_DECODE(32, 16)
+ATTN_DECODE(64, 8)
+ATTN_DECODE(64, 16)
+ATTN_DECODE(128, 8)
+ATTN_DECODE(128, 16)
+ATTN_DECODE(256, 8)
+ATTN_DECODE(256, 16)
+
+// Merges the splits of attn_decode: grid (block row, query head), hd threads. Empty splits
+// carry (max -inf, sum 0) and zero outputs.
 extern "C" __global__ void attn_combine(AttnArgs a) {
   PDL_ENTRY();
   int bi = blockIdx.x, h = blockIdx.y, hd = a.hd;
   int i = a.tok_list ? a.tok_list[bi] : bi;
+  const float* ml = a.part_ml + ((size_t)bi * a.n_splits * a.n_heads + h) * 2;
+  const float* po = a.part_o + ((size_t)bi * a.n_splits * a.n_heads + h) * hd;
+  size_t ss = (size_t)a.n_heads;  // stride between splits, in (max, sum) pairs / head rows
   float m = -INFINITY;
-  for (int s = 0; s < a.n_splits; s++) m = fmaxf(m, a.part_ml[(((size_t)bi * a.n_splits + s) * a.n_heads + h) * 2]);
+#pragma unroll 8
+  for (int s = 0; s < a.n_splits; s++) m = fmaxf(m, ml[s * ss * 2]);
   for (int d = threadIdx.x; d < hd; d += blockDim.x) {
     float o = 0.f, l = 0.f;
+#pragma unroll 8
     for (int s = 0; s < a.n_splits; s++) {
-      const float* ml = a.part_ml + (((size_t)bi * a.n_splits + s) * a.n_heads + h) * 2;
-      if (ml[1] == 0.f) continue;
-      float f = __expf(ml[0] - m);
-      o += f * a.part_o[(((size_t)bi * a.n_splits + s) * a.n_heads + h) * hd + d];
-      l += f * ml[1];
+      float ls = ml[s * ss * 2 + 1];
+      float f = ls > 0.f ? __expf(ml[s * ss * 2] - m) : 0.f;
+      o += f * po[s * ss * hd + d];
+      l += f * ls;
     }
     a.out[(size_t)i * a.n_heads * hd + h * hd + d] = l > 0.f ? o / l : 0.f;
   }

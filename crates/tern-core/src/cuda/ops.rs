@@ -10,13 +10,20 @@ use cudarc::driver::sys::CUfunction;
 /// Largest number of activation rows the matrix-vector kernels take.
 pub const GEMV_MAX_ROWS: usize = 8;
 const ATT_THREADS: u32 = 128;
+const ATT_WARPS: usize = 4;
 pub const MAX_GROUP: usize = 16;
+/// Head sizes the decode attention kernel is built for, and its two group-size limits.
+const ATT_HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
+const ATT_GROUPS: [usize; 2] = [8, 16];
+/// Fewest keys per split of the decode attention: one 32-key tile per warp.
+pub const ATT_MIN_SPLIT: usize = 32 * ATT_WARPS;
 
 /// The kernels' function handles, looked up once.
 pub struct Kernels {
     embed_bf16: CUfunction,
     rms_norm: CUfunction,
     silu_mul: CUfunction,
+    quantize_q8: CUfunction,
     f32_to_bf16: CUfunction,
     /// [warps per row group: 1 or 4][activation rows - 1]
     gemv_bf16: [[CUfunction; GEMV_MAX_ROWS]; 2],
@@ -26,7 +33,8 @@ pub struct Kernels {
     dequant_q8_0_bf16: CUfunction,
     dequant_q4_k_bf16: CUfunction,
     rope_kv_write: CUfunction,
-    attn_decode: CUfunction,
+    /// [head dim index in ATT_HEAD_DIMS][group limit index in ATT_GROUPS]
+    attn_decode: [[CUfunction; 2]; 5],
     attn_combine: CUfunction,
     attn_prefill_64: CUfunction,
     attn_prefill_128: CUfunction,
@@ -52,6 +60,7 @@ impl Kernels {
             embed_bf16: f("embed_bf16")?,
             rms_norm: f("rms_norm")?,
             silu_mul: f("silu_mul")?,
+            quantize_q8: f("quantize_q8")?,
             f32_to_bf16: f("f32_to_bf16")?,
             gemv_bf16: per_n("gemv_bf16")?,
             gemv_q8_0: per_n("gemv_q8_0")?,
@@ -59,7 +68,15 @@ impl Kernels {
             dequant_q8_0_bf16: f("dequant_q8_0_bf16")?,
             dequant_q4_k_bf16: f("dequant_q4_k_bf16")?,
             rope_kv_write: f("rope_kv_write")?,
-            attn_decode: f("attn_decode")?,
+            attn_decode: {
+                let mut t = [[std::ptr::null_mut(); 2]; 5];
+                for (a, hd) in ATT_HEAD_DIMS.iter().enumerate() {
+                    for (b, gm) in ATT_GROUPS.iter().enumerate() {
+                        t[a][b] = f(&format!("attn_decode_{hd}_{gm}"))?;
+                    }
+                }
+                t
+            },
             attn_combine: f("attn_combine")?,
             attn_prefill_64: f("attn_prefill_64")?,
             attn_prefill_128: f("attn_prefill_128")?,
@@ -70,8 +87,10 @@ impl Kernels {
             fill_f16: f("fill_f16")?,
             sm_count: gpu.sm_count,
         };
-        // SAFETY: attn_decode is a function of this GPU's module.
-        unsafe { gpu.allow_large_smem(k.attn_decode)? };
+        for f in k.attn_decode.iter().flatten() {
+            // SAFETY: the attention kernels are functions of this GPU's module.
+            unsafe { gpu.allow_large_smem(*f)? };
+        }
         Ok(k)
     }
 }
@@ -159,6 +178,8 @@ impl GpuMatrix {
 struct GemvArgs {
     x: u64,
     ldx: i32,
+    xq: u64,
+    xds: u64,
     y: u64,
     ldy: i32,
     rows: i32,
@@ -167,17 +188,53 @@ struct GemvArgs {
 }
 
 /// Rows per row group and warps per block of the matrix-vector kernels (kernels.cu).
+/// Activation rows as a row kernel writes them and a matrix product reads them.
+#[derive(Clone, Copy, Debug)]
+pub enum Act {
+    /// f32 rows (the matrix-vector input of bf16 weights); row stride in elements.
+    F32 { x: u64, ld: usize },
+    /// bf16 rows (the cuBLAS GEMM input), dense.
+    Bf16(u64),
+    /// int8 in groups of 32 with (scale, scale · sum) per group, dense: the matrix-vector input
+    /// of quantized weights.
+    Q8 { q: u64, ds: u64 },
+}
+
+impl Act {
+    fn kind(&self) -> i32 {
+        match self {
+            Act::F32 { .. } => 0,
+            Act::Bf16(_) => 1,
+            Act::Q8 { .. } => 2,
+        }
+    }
+
+    /// (output pointer, group scales pointer) of a row kernel writing this.
+    fn out_ptrs(&self, width: usize) -> Result<(u64, u64)> {
+        match *self {
+            Act::F32 { x, ld } => {
+                ensure!(ld == width, "row kernels write dense rows (stride {ld}, width {width})");
+                Ok((x, 0))
+            }
+            Act::Bf16(x) => Ok((x, 0)),
+            Act::Q8 { q, ds } => {
+                ensure!(width.is_multiple_of(32), "q8 activations need a multiple of 32 values, not {width}");
+                Ok((q, ds))
+            }
+        }
+    }
+}
+
 const GEMV_ROWS: usize = 2;
 const GEMV_WARPS: usize = 4;
-/// y[i, r] (+)= dot(W[r, :], x[i, :]) for n ≤ 8 f32 rows x (row stride ldx) into y (row
-/// stride ldy).
+/// y[i, r] (+)= dot(W[r, :], x[i, :]) for n ≤ 8 activation rows x (f32 for bf16 weights, q8 for
+/// quantized ones) into y (row stride ldy).
 #[allow(clippy::too_many_arguments)]
 pub fn gemv(
     gpu: &Gpu,
     k: &Kernels,
     m: &GpuMatrix,
-    x: u64,
-    ldx: usize,
+    x: Act,
     n: usize,
     y: u64,
     ldy: usize,
@@ -185,9 +242,16 @@ pub fn gemv(
 ) -> Result<()> {
     ensure!((1..=GEMV_MAX_ROWS).contains(&n), "gemv takes 1..={GEMV_MAX_ROWS} rows, got {n}");
     ensure!(m.cols.is_multiple_of(32) || (m.is_bf16() && m.cols.is_multiple_of(8)), "gemv: {} columns", m.cols);
+    let (xf, ldx, xq, xds) = match (x, m.is_bf16()) {
+        (Act::F32 { x, ld }, true) => (x, ld, 0, 0),
+        (Act::Q8 { q, ds }, false) => (0, m.cols, q, ds),
+        (x, _) => bail!("gemv of {} weights cannot read {x:?} activations", m.encoding()),
+    };
     let args = GemvArgs {
-        x,
+        x: xf,
         ldx: ldx as i32,
+        xq,
+        xds,
         y,
         ldy: ldy as i32,
         rows: m.rows as i32,
@@ -211,6 +275,23 @@ pub fn gemv(
             }
         }
     }
+}
+
+/// The input a matrix-vector product of `m` reads: f32 rows `f32` (stride = width) for bf16
+/// weights, else q8 rows in `q8`.
+pub fn gemv_input(m: &GpuMatrix, f32: u64, q8: (u64, u64)) -> Act {
+    if m.is_bf16() {
+        Act::F32 { x: f32, ld: m.cols }
+    } else {
+        Act::Q8 { q: q8.0, ds: q8.1 }
+    }
+}
+
+/// q8 activations of n f32 rows of `cols` values (row stride ldx) into `out` (dense).
+pub fn quantize_q8(gpu: &Gpu, k: &Kernels, x: u64, ldx: usize, n: usize, cols: usize, out: Act) -> Result<()> {
+    let Act::Q8 { q, ds } = out else { bail!("quantize_q8 writes q8 activations") };
+    ensure!(cols.is_multiple_of(32), "q8 activations need a multiple of 32 values, not {cols}");
+    unsafe { launch!(gpu, k.quantize_q8, grid_for(n * cols), 256, 0; x, ldx as i32, q, ds, n as i32, cols as i32) }
 }
 
 /// The matrix as bf16: itself, or dequantized into `scratch` (at least rows × cols bf16).
@@ -254,7 +335,7 @@ pub fn embed(gpu: &Gpu, k: &Kernels, table: u64, tokens: u64, x: u64, n: usize, 
     unsafe { launch!(gpu, k.embed_bf16, (n as u32, 1, 1), 256, 0; table, tokens, x, n as i32, d as i32) }
 }
 
-/// out[i] = rms_norm(x[rows[i] or i]) · w, as bf16 or f32.
+/// out[i] = rms_norm(x[rows[i] or i]) · w, for n rows of width d.
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm(
     gpu: &Gpu,
@@ -262,21 +343,22 @@ pub fn rms_norm(
     x: u64,
     w: u64,
     rows: Option<u64>,
-    out: u64,
-    out_bf16: bool,
+    out: Act,
     n: usize,
     d: usize,
     eps: f32,
 ) -> Result<()> {
     let rows = rows.unwrap_or(0);
+    let (o, ds) = out.out_ptrs(d)?;
     // Enough threads that a row of up to 8 K values sits in registers (8 per thread).
     let threads = d.div_ceil(8).next_multiple_of(32).clamp(128, 1024) as u32;
-    unsafe { launch!(gpu, k.rms_norm, (n as u32, 1, 1), threads, 0; x, w, rows, out, out_bf16 as i32, d as i32, eps) }
+    unsafe { launch!(gpu, k.rms_norm, (n as u32, 1, 1), threads, 0; x, w, rows, o, ds, out.kind(), d as i32, eps) }
 }
 
-/// act[i, j] = silu(gate_up[i, j]) · gate_up[i, f + j], as bf16 or f32.
-pub fn silu_mul(gpu: &Gpu, k: &Kernels, gate_up: u64, act: u64, out_bf16: bool, n: usize, f: usize) -> Result<()> {
-    unsafe { launch!(gpu, k.silu_mul, grid_for(n * f), 256, 0; gate_up, act, out_bf16 as i32, n as i32, f as i32) }
+/// act[i, j] = silu(gate_up[i, j]) · gate_up[i, f + j].
+pub fn silu_mul(gpu: &Gpu, k: &Kernels, gate_up: u64, act: Act, n: usize, f: usize) -> Result<()> {
+    let (o, ds) = act.out_ptrs(f)?;
+    unsafe { launch!(gpu, k.silu_mul, grid_for(n * f), 256, 0; gate_up, o, ds, act.kind(), n as i32, f as i32) }
 }
 
 pub fn f32_to_bf16(gpu: &Gpu, k: &Kernels, x: u64, y: u64, n: usize) -> Result<()> {
@@ -357,39 +439,30 @@ struct AttnArgs {
     n_splits: i32,
 }
 
-/// How attention divides the keys: `split` keys per block, `n_splits` blocks per (token, head).
+/// How attention divides the keys: `n_splits` blocks per (token, KV head), each taking at least
+/// `split` keys (more when a sequence is longer than `split · n_splits`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AttnSplit {
     pub split: usize,
     pub n_splits: usize,
 }
 
-/// Dynamic shared memory of attn_decode for a split size.
-fn attn_smem(l: &KvLayout, split: usize) -> usize {
+/// Dynamic shared memory of the decode attention kernel: queries, a tile's probabilities,
+/// and each warp's output, max and sum.
+fn attn_smem(l: &KvLayout) -> usize {
     let g = l.n_heads / l.n_kv;
-    let groups = ATT_THREADS as usize / (l.head_dim / 2);
-    4 * (g * l.head_dim + g * split + groups * g * l.head_dim + 2 * g)
+    4 * (g * l.head_dim + ATT_WARPS * g * (32 + l.head_dim + 2))
 }
 
-/// Picks the split for `n` query tokens whose longest context is `max_len` keys: the smallest
-/// power-of-two split (≥ 32) that keeps the blocks near `target_blocks`, within shared memory
-/// and with at most `max_pairs` (token, split) pairs of partial results.
-pub fn attn_split(l: &KvLayout, n: usize, max_len: usize, target_blocks: usize, max_pairs: usize) -> Result<AttnSplit> {
-    let max_len = max_len.max(1);
-    let fits = |s: usize| attn_smem(l, s) <= MAX_DYNAMIC_SMEM;
-    let mut split = 32;
-    loop {
-        let n_splits = max_len.div_ceil(split);
-        let bigger_fits = fits(split * 2);
-        let ok_pairs = n_splits == 1 || n * n_splits <= max_pairs;
-        if (n * l.n_kv * n_splits <= target_blocks.max(n * l.n_kv) && ok_pairs) || n_splits == 1 || !bigger_fits {
-            if !fits(split) || !ok_pairs {
-                bail!("attention over {max_len} keys for {n} tokens does not fit (split {split})");
-            }
-            return Ok(AttnSplit { split, n_splits });
-        }
-        split *= 2;
-    }
+/// Picks the splits for `n` query tokens whose longest context is `max_len` keys: as many as
+/// keep the blocks near `target_blocks`, each at least `ATT_MIN_SPLIT` keys, with at most
+/// `max_pairs` (token, split) pairs of partial results.
+pub fn attn_split(l: &KvLayout, n: usize, max_len: usize, target_blocks: usize, max_pairs: usize) -> AttnSplit {
+    let n = n.max(1);
+    let by_blocks = (target_blocks / (n * l.n_kv)).max(1);
+    let by_len = max_len.max(1).div_ceil(ATT_MIN_SPLIT);
+    let n_splits = by_blocks.min(by_len).min((max_pairs / n).max(1));
+    AttnSplit { split: ATT_MIN_SPLIT, n_splits }
 }
 
 /// Attention of every token's query heads over its sequence's cached keys `0..=pos` (the
@@ -416,7 +489,16 @@ pub fn attention(
 ) -> Result<()> {
     let g = l.n_heads / l.n_kv;
     ensure!(g <= MAX_GROUP && l.n_heads.is_multiple_of(l.n_kv), "attention: {} query heads per KV head", g);
-    ensure!(l.head_dim.is_multiple_of(8) && l.head_dim <= 256, "attention: head dim {}", l.head_dim);
+    let Some(hi) = ATT_HEAD_DIMS.iter().position(|&d| d == l.head_dim) else {
+        bail!("attention on the GPU: head dim {} (supported: {ATT_HEAD_DIMS:?})", l.head_dim)
+    };
+    let gi = ATT_GROUPS.iter().position(|&m| g <= m).expect("g <= MAX_GROUP");
+    ensure!(s.split > 0 && s.n_splits > 0, "attention: empty split {s:?}");
+    ensure!(
+        attn_smem(l) <= MAX_DYNAMIC_SMEM,
+        "attention: {g} heads of {} per KV head need too much shared memory",
+        l.head_dim
+    );
     let args = AttnArgs {
         q,
         q_ld: q_ld as i32,
@@ -441,7 +523,7 @@ pub fn attention(
     };
     unsafe {
         let grid = (n as u32, l.n_kv as u32, s.n_splits as u32);
-        launch!(gpu, k.attn_decode, grid, ATT_THREADS, attn_smem(l, s.split); args)?;
+        launch!(gpu, k.attn_decode[hi][gi], grid, ATT_THREADS, attn_smem(l); args)?;
         if s.n_splits > 1 {
             launch!(gpu, k.attn_combine, (n as u32, l.n_heads as u32, 1), l.head_dim as u32, 0; args)?;
         }

@@ -9,7 +9,7 @@
 //! no KV and attend to nothing.
 
 use super::device::{DevBuf, Gpu, Graph, Profiler};
-use super::ops::{self, AttnSplit, Kernels, KvLayout};
+use super::ops::{self, Act, AttnSplit, Kernels, KvLayout};
 use super::weights::GpuModel;
 use crate::engine::runner::{blocks_in, most_needed, Row, Runner, StepOutput};
 use crate::engine::EngineConfig;
@@ -68,6 +68,10 @@ struct Workspace {
     hn: DevBuf,
     /// f32 SiLU·up rows (matrix-vector path).
     act: DevBuf,
+    /// q8 activations of the matrix-vector path with quantized weights: int8 values and
+    /// (scale, scale · sum) per group of 32.
+    xq: DevBuf,
+    xds: DevBuf,
     logits: DevBuf,
     argmax: DevBuf,
     part_o: DevBuf,
@@ -143,6 +147,8 @@ impl CudaRunner {
             gate_up: f32s(cap_tokens * 2 * f)?,
             hn: f32s(GEMV_TOKENS * c.hidden)?,
             act: f32s(GEMV_TOKENS * f)?,
+            xq: DevBuf::alloc(GEMV_TOKENS * c.hidden.max(qd).max(f))?,
+            xds: DevBuf::alloc(8 * GEMV_TOKENS * c.hidden.max(qd).max(f).div_ceil(32))?,
             logits: f32s(cap_rows * c.vocab_size)?,
             argmax: DevBuf::alloc(4 * cap_rows)?,
             part_o: f32s(pairs * c.n_heads * c.head_dim)?,
@@ -233,17 +239,17 @@ impl CudaRunner {
             RopeStyle::Adjacent => 1,
         };
         let (pos, slot) = (self.meta(ml.pos), self.meta(ml.slot));
+        let q8 = (ws.xq.ptr, ws.xds.ptr);
         self.op("embed", || ops::embed(g, k, w.embed_table(), self.meta(ml.tokens), ws.x.ptr, n, d))?;
         for (li, l) in w.layers.iter().enumerate() {
             let kv_layer = self.kv.at::<u16>(li * 2 * self.layout.block_size * kvd);
             if small {
-                self.op("rms_norm", || {
-                    ops::rms_norm(g, k, ws.x.ptr, l.attn_norm.ptr, None, ws.hn.ptr, false, n, d, c.rms_eps)
-                })?;
-                self.op("gemv qkv", || ops::gemv(g, k, &l.qkv, ws.hn.ptr, d, n, ws.qkv.ptr, qkv_ld, false))?;
+                let into = ops::gemv_input(&l.qkv, ws.hn.ptr, q8);
+                self.op("rms_norm", || ops::rms_norm(g, k, ws.x.ptr, l.attn_norm.ptr, None, into, n, d, c.rms_eps))?;
+                self.op("gemv qkv", || ops::gemv(g, k, &l.qkv, into, n, ws.qkv.ptr, qkv_ld, false))?;
             } else {
                 self.op("rms_norm", || {
-                    ops::rms_norm(g, k, ws.x.ptr, l.attn_norm.ptr, None, ws.hb.ptr, true, n, d, c.rms_eps)
+                    ops::rms_norm(g, k, ws.x.ptr, l.attn_norm.ptr, None, Act::Bf16(ws.hb.ptr), n, d, c.rms_eps)
                 })?;
                 self.op("gemm qkv", || ops::gemm(g, k, &l.qkv, ws.hb.ptr, n, ws.qkv.ptr, 0.0, &ws.scratch))?;
             }
@@ -304,36 +310,39 @@ impl CudaRunner {
                 })?;
             }
             if small {
-                self.op("gemv o", || ops::gemv(g, k, &l.wo, ws.attn.ptr, qd, n, ws.x.ptr, d, true))?;
-                self.op("rms_norm", || {
-                    ops::rms_norm(g, k, ws.x.ptr, l.ffn_norm.ptr, None, ws.hn.ptr, false, n, d, c.rms_eps)
-                })?;
-                self.op("gemv gate_up", || ops::gemv(g, k, &l.gate_up, ws.hn.ptr, d, n, ws.gate_up.ptr, 2 * f, false))?;
-                self.op("silu_mul", || ops::silu_mul(g, k, ws.gate_up.ptr, ws.act.ptr, false, n, f))?;
-                self.op("gemv down", || ops::gemv(g, k, &l.down, ws.act.ptr, f, n, ws.x.ptr, d, true))?;
+                let o_in = ops::gemv_input(&l.wo, ws.attn.ptr, q8);
+                if let Act::Q8 { .. } = o_in {
+                    self.op("quantize_q8", || ops::quantize_q8(g, k, ws.attn.ptr, qd, n, qd, o_in))?;
+                }
+                self.op("gemv o", || ops::gemv(g, k, &l.wo, o_in, n, ws.x.ptr, d, true))?;
+                let into = ops::gemv_input(&l.gate_up, ws.hn.ptr, q8);
+                self.op("rms_norm", || ops::rms_norm(g, k, ws.x.ptr, l.ffn_norm.ptr, None, into, n, d, c.rms_eps))?;
+                self.op("gemv gate_up", || ops::gemv(g, k, &l.gate_up, into, n, ws.gate_up.ptr, 2 * f, false))?;
+                let act = ops::gemv_input(&l.down, ws.act.ptr, q8);
+                self.op("silu_mul", || ops::silu_mul(g, k, ws.gate_up.ptr, act, n, f))?;
+                self.op("gemv down", || ops::gemv(g, k, &l.down, act, n, ws.x.ptr, d, true))?;
             } else {
                 self.op("f32_to_bf16", || ops::f32_to_bf16(g, k, ws.attn.ptr, ws.hb.ptr, n * qd))?;
                 self.op("gemm o", || ops::gemm(g, k, &l.wo, ws.hb.ptr, n, ws.x.ptr, 1.0, &ws.scratch))?;
                 self.op("rms_norm", || {
-                    ops::rms_norm(g, k, ws.x.ptr, l.ffn_norm.ptr, None, ws.hb.ptr, true, n, d, c.rms_eps)
+                    ops::rms_norm(g, k, ws.x.ptr, l.ffn_norm.ptr, None, Act::Bf16(ws.hb.ptr), n, d, c.rms_eps)
                 })?;
                 self.op("gemm gate_up", || {
                     ops::gemm(g, k, &l.gate_up, ws.hb.ptr, n, ws.gate_up.ptr, 0.0, &ws.scratch)
                 })?;
-                self.op("silu_mul", || ops::silu_mul(g, k, ws.gate_up.ptr, ws.hb.ptr, true, n, f))?;
+                self.op("silu_mul", || ops::silu_mul(g, k, ws.gate_up.ptr, Act::Bf16(ws.hb.ptr), n, f))?;
                 self.op("gemm down", || ops::gemm(g, k, &l.down, ws.hb.ptr, n, ws.x.ptr, 1.0, &ws.scratch))?;
             }
         }
         let rows = Some(self.meta(ml.rows));
         let head = w.lm_head();
         if m <= GEMV_TOKENS {
-            self.op("rms_norm", || {
-                ops::rms_norm(g, k, ws.x.ptr, w.out_norm.ptr, rows, ws.hn.ptr, false, m, d, c.rms_eps)
-            })?;
-            self.op("gemv lm_head", || ops::gemv(g, k, head, ws.hn.ptr, d, m, ws.logits.ptr, c.vocab_size, false))?;
+            let into = ops::gemv_input(head, ws.hn.ptr, q8);
+            self.op("rms_norm", || ops::rms_norm(g, k, ws.x.ptr, w.out_norm.ptr, rows, into, m, d, c.rms_eps))?;
+            self.op("gemv lm_head", || ops::gemv(g, k, head, into, m, ws.logits.ptr, c.vocab_size, false))?;
         } else {
             self.op("rms_norm", || {
-                ops::rms_norm(g, k, ws.x.ptr, w.out_norm.ptr, rows, ws.hb.ptr, true, m, d, c.rms_eps)
+                ops::rms_norm(g, k, ws.x.ptr, w.out_norm.ptr, rows, Act::Bf16(ws.hb.ptr), m, d, c.rms_eps)
             })?;
             self.op("gemm lm_head", || ops::gemm(g, k, head, ws.hb.ptr, m, ws.logits.ptr, 0.0, &ws.scratch))?;
         }
@@ -452,7 +461,7 @@ impl Runner for CudaRunner {
         }
         // Half the scratch, so that rounding the split count up below still fits.
         let pairs = self.cap_tokens * PAIRS_PER_TOKEN / 2;
-        let mut split = ops::attn_split(&self.layout, n_decode.max(1), max_len, 2 * self.gpu.sm_count, pairs)?;
+        let mut split = ops::attn_split(&self.layout, n_decode, max_len, 2 * self.gpu.sm_count, pairs);
         if decode {
             // Graphs are reused as contexts grow: round the split count up.
             split.n_splits = split.n_splits.next_power_of_two();

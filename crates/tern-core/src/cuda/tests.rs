@@ -3,7 +3,7 @@
 //! skipped and passes (CI builds without the `cuda` feature and never compiles them).
 
 use super::device::{DevBuf, Gpu};
-use super::ops::{self, AttnSplit, GpuMatrix, Kernels, KvLayout};
+use super::ops::{self, Act, AttnSplit, GpuMatrix, Kernels, KvLayout};
 use super::runner::CudaRunner;
 use crate::engine::runner::{CpuRunner, Row, Runner, StepOutput};
 use crate::engine::{Device, EngineConfig};
@@ -84,6 +84,50 @@ fn random_matrix(rng: &mut Rng, dtype: DType, rows: usize, cols: usize) -> (Matr
     (m, values)
 }
 
+/// q8 activations of dense rows as the kernels make them: per group of 32, d = max|x| / 127,
+/// q = x / d rounded to nearest even; and the values they stand for (d · q).
+fn q8_reference(x: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let (mut q, mut v) = (Vec::with_capacity(x.len()), Vec::with_capacity(x.len()));
+    for grp in x.chunks_exact(32) {
+        let amax = grp.iter().fold(0f32, |m, &a| m.max(a.abs()));
+        let d = amax / 127.0;
+        for &a in grp {
+            let qi = if amax > 0.0 { (a / d).round_ties_even() as i8 } else { 0 };
+            q.push(qi);
+            v.push(d * qi as f32);
+        }
+    }
+    (q, v)
+}
+
+/// Device buffers for q8 activations of `n` values.
+fn q8_buffers(n: usize) -> (DevBuf, DevBuf, Act) {
+    let (q, ds) = (DevBuf::alloc(n).unwrap(), DevBuf::alloc(8 * n / 32).unwrap());
+    let act = Act::Q8 { q: q.ptr, ds: ds.ptr };
+    (q, ds, act)
+}
+
+/// The int8 values and the (scale, scale · sum) pairs of q8 activations.
+fn download_q8(g: &Gpu, q: &DevBuf, ds: &DevBuf, n: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut qv = vec![0i8; n];
+    g.download(q, 0, &mut qv).unwrap();
+    let dsv = download_f32(g, ds, 2 * n / 32);
+    (qv, dsv)
+}
+
+/// Checks q8 activations against the reference quantization of `x`, sums included.
+fn check_q8(g: &Gpu, q: &DevBuf, ds: &DevBuf, x: &[f32], what: &str) {
+    let (qv, dsv) = download_q8(g, q, ds, x.len());
+    let (want, _) = q8_reference(x);
+    let diff = qv.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert_eq!(diff, 0, "{what}: {diff} of {} int8 values differ from the reference", x.len());
+    for (gi, grp) in want.chunks_exact(32).enumerate() {
+        let sum: i32 = grp.iter().map(|&v| v as i32).sum();
+        let (d, ds_sum) = (dsv[2 * gi], dsv[2 * gi + 1]);
+        assert!((ds_sum - d * sum as f32).abs() <= 1e-6 * d.abs() * 4096.0, "{what}: group {gi} sum");
+    }
+}
+
 fn upload(g: &Gpu, m: &Matrix) -> GpuMatrix {
     super::weights::upload_stacked(g, &[m]).unwrap()
 }
@@ -110,12 +154,23 @@ fn gemv_matches_reference() {
                 let x = randn(&mut rng, n * 2 * cols, 1.0);
                 let y0 = randn(&mut rng, n * rows, 1.0);
                 let (xb, yb) = (g.buffer_from(&x).unwrap(), g.buffer_from(&y0).unwrap());
-                ops::gemv(&g, &k, &gm, xb.ptr, 2 * cols, n, yb.ptr, rows, accumulate).unwrap();
+                // Quantized weights read q8 activations: quantized here from the strided rows,
+                // so the reference multiplies the values the int8 codes stand for.
+                let dense: Vec<f32> = (0..n).flat_map(|i| x[i * 2 * cols..i * 2 * cols + cols].to_vec()).collect();
+                let (q, ds, q8) = q8_buffers(n * cols);
+                let (input, xs) = if dtype == DType::BF16 {
+                    (Act::F32 { x: xb.ptr, ld: 2 * cols }, dense)
+                } else {
+                    ops::quantize_q8(&g, &k, xb.ptr, 2 * cols, n, cols, q8).unwrap();
+                    check_q8(&g, &q, &ds, &dense, "quantize_q8");
+                    (q8, q8_reference(&dense).1)
+                };
+                ops::gemv(&g, &k, &gm, input, n, yb.ptr, rows, accumulate).unwrap();
                 let got = download_f32(&g, &yb, n * rows);
                 let want: Vec<f64> = (0..n * rows)
                     .map(|e| {
                         let (i, r) = (e / rows, e % rows);
-                        let dot: f64 = (0..cols).map(|j| w[r * cols + j] as f64 * x[i * 2 * cols + j] as f64).sum();
+                        let dot: f64 = (0..cols).map(|j| w[r * cols + j] as f64 * xs[i * cols + j] as f64).sum();
                         dot + if accumulate { y0[e] as f64 } else { 0.0 }
                     })
                     .collect();
@@ -164,8 +219,13 @@ fn rms_norm_and_silu_match_reference() {
     let rows: Vec<i32> = vec![4, 0, 2];
     let (xb, wb, rb) = (g.buffer_from(&x).unwrap(), g.buffer_from(&w).unwrap(), g.buffer_from(&rows).unwrap());
     let out = DevBuf::alloc(4 * n * d).unwrap();
-    ops::rms_norm(&g, &k, xb.ptr, wb.ptr, Some(rb.ptr), out.ptr, false, rows.len(), d, 1e-6).unwrap();
+    let f32_out = Act::F32 { x: out.ptr, ld: d };
+    ops::rms_norm(&g, &k, xb.ptr, wb.ptr, Some(rb.ptr), f32_out, rows.len(), d, 1e-6).unwrap();
     let got = download_f32(&g, &out, rows.len() * d);
+    // The q8 output is the quantization of the f32 output.
+    let (q, ds, q8) = q8_buffers(rows.len() * d);
+    ops::rms_norm(&g, &k, xb.ptr, wb.ptr, Some(rb.ptr), q8, rows.len(), d, 1e-6).unwrap();
+    check_q8(&g, &q, &ds, &got, "rms_norm into q8");
     let mut want = Vec::new();
     for &r in &rows {
         let xr = &x[r as usize * d..(r as usize + 1) * d];
@@ -185,9 +245,18 @@ fn rms_norm_and_silu_match_reference() {
         })
         .collect();
     let act = DevBuf::alloc(4 * n * f).unwrap();
-    ops::silu_mul(&g, &k, gub.ptr, act.ptr, false, n, f).unwrap();
+    ops::silu_mul(&g, &k, gub.ptr, Act::F32 { x: act.ptr, ld: f }, n, f).unwrap();
     assert!(rel_err(&download_f32(&g, &act, n * f), &want) < 1e-5, "silu_mul (f32 output)");
-    ops::silu_mul(&g, &k, gub.ptr, act.ptr, true, n, f).unwrap();
+    // q8 output (rows of a multiple of 32): the quantization of the f32 output.
+    let (q, ds, q8) = q8_buffers(n * 320);
+    let gu320 = randn(&mut rng, n * 2 * 320, 2.0);
+    let gu320b = g.buffer_from(&gu320).unwrap();
+    let act320 = DevBuf::alloc(4 * n * 320).unwrap();
+    ops::silu_mul(&g, &k, gu320b.ptr, Act::F32 { x: act320.ptr, ld: 320 }, n, 320).unwrap();
+    ops::silu_mul(&g, &k, gu320b.ptr, q8, n, 320).unwrap();
+    check_q8(&g, &q, &ds, &download_f32(&g, &act320, n * 320), "silu_mul into q8");
+    assert!(ops::silu_mul(&g, &k, gub.ptr, q8, n, f).is_err(), "q8 rows of 300 values are refused");
+    ops::silu_mul(&g, &k, gub.ptr, Act::Bf16(act.ptr), n, f).unwrap();
     let mut bits = vec![0u16; n * f];
     g.download(&act, 0, &mut bits).unwrap();
     let got: Vec<f32> = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
@@ -233,13 +302,17 @@ fn rope_ref(x: &mut [f64], hd: usize, p: usize, inv_freq: &[f32]) {
 fn attention_over_paged_kv_matches_reference() {
     let Some((g, k)) = gpu() else { return };
     let mut rng = Rng::new(5);
-    // (query heads, KV heads, head dim, sliding window, forced split)
+    // (query heads, KV heads, head dim, sliding window, forced (keys per split, splits)):
+    // 16 splits of at least 32 keys leave some splits empty for the shorter sequence.
     for &(nh, nkv, hd, window, split) in &[
         (4, 2, 16, 0, None),
-        (9, 3, 64, 0, Some(64)),
+        (9, 3, 64, 0, Some((64, 5))),
         (28, 4, 128, 0, None),
-        (28, 4, 128, 0, Some(128)),
-        (8, 8, 64, 50, Some(64)),
+        (28, 4, 128, 0, Some((128, 3))),
+        (28, 4, 128, 0, Some((32, 16))),
+        (8, 8, 64, 50, Some((64, 5))),
+        (16, 1, 256, 0, Some((32, 2))),
+        (8, 1, 32, 0, None),
     ] {
         let bs = 16;
         let (qd, kvd) = (nh * hd, nkv * hd);
@@ -320,33 +393,6 @@ fn attention_over_paged_kv_matches_reference() {
             tables.iter().flat_map(|t| (0..stride).map(|j| t.get(j).copied().unwrap_or(0) as i32)).collect();
         let (qsb, qpb, tb) = (g.buffer_from(&qs).unwrap(), g.buffer_from(&qp).unwrap(), g.buffer_from(&flat).unwrap());
         let n = queries.len();
-        let s = match split {
-            Some(sz) => AttnSplit { split: sz, n_splits: 300usize.div_ceil(sz) },
-            None => ops::attn_split(&layout, n, 300, 264, 1024).unwrap(),
-        };
-        let out = DevBuf::alloc(4 * n * qd).unwrap();
-        let part_o = DevBuf::alloc(4 * n * s.n_splits * qd).unwrap();
-        let part_ml = DevBuf::alloc(4 * n * s.n_splits * nh * 2).unwrap();
-        ops::attention(
-            &g,
-            &k,
-            &layout,
-            qb.ptr,
-            ld,
-            kv.ptr,
-            tb.ptr,
-            stride,
-            qsb.ptr,
-            qpb.ptr,
-            None,
-            window,
-            n,
-            s,
-            out.ptr,
-            (part_o.ptr, part_ml.ptr),
-        )
-        .unwrap();
-        let got = download_f32(&g, &out, n * qd);
         let first = [0usize, lens[0]];
         // Reference attention output (all heads) of query token t.
         let reference = |t: usize| -> Vec<f64> {
@@ -374,35 +420,64 @@ fn attention_over_paged_kv_matches_reference() {
             }
             want
         };
-        let want: Vec<f64> = queries.iter().flat_map(|&t| reference(t)).collect();
-        let e = rel_err(&got, &want);
-        assert!(e < 1e-4, "attention heads {nh}/{nkv} hd {hd} window {window} split {s:?}: error {e:.2e}");
-        // The same queries picked by a token list from the whole batch (outputs at their rows).
-        let list: Vec<i32> = queries.iter().map(|&t| t as i32).collect();
-        let (lb, seqb) = (g.buffer_from(&list).unwrap(), g.buffer_from(&tok_seq).unwrap());
-        let out_rows = DevBuf::alloc(4 * n_all * qd).unwrap();
-        ops::attention(
-            &g,
-            &k,
-            &layout,
-            qkvb.ptr,
-            ld,
-            kv.ptr,
-            tb.ptr,
-            stride,
-            seqb.ptr,
-            posb.ptr,
-            Some(lb.ptr),
-            window,
-            n,
-            s,
-            out_rows.ptr,
-            (part_o.ptr, part_ml.ptr),
-        )
-        .unwrap();
-        let all = download_f32(&g, &out_rows, n_all * qd);
-        let got: Vec<f32> = queries.iter().flat_map(|&t| all[t * qd..(t + 1) * qd].to_vec()).collect();
-        assert!(rel_err(&got, &want) < 1e-4, "attention through a token list");
+        let plans = match split {
+            Some((split, n_splits)) => vec![AttnSplit { split, n_splits }],
+            None => vec![ops::attn_split(&layout, n, 300, 264, 1024)],
+        };
+        for s in plans {
+            let out = DevBuf::alloc(4 * n * qd).unwrap();
+            let part_o = DevBuf::alloc(4 * n * s.n_splits * qd).unwrap();
+            let part_ml = DevBuf::alloc(4 * n * s.n_splits * nh * 2).unwrap();
+            ops::attention(
+                &g,
+                &k,
+                &layout,
+                qb.ptr,
+                ld,
+                kv.ptr,
+                tb.ptr,
+                stride,
+                qsb.ptr,
+                qpb.ptr,
+                None,
+                window,
+                n,
+                s,
+                out.ptr,
+                (part_o.ptr, part_ml.ptr),
+            )
+            .unwrap();
+            let got = download_f32(&g, &out, n * qd);
+            let want: Vec<f64> = queries.iter().flat_map(|&t| reference(t)).collect();
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-4, "attention heads {nh}/{nkv} hd {hd} window {window} split {s:?}: error {e:.2e}");
+            // The same queries picked by a token list from the whole batch (outputs at their rows).
+            let list: Vec<i32> = queries.iter().map(|&t| t as i32).collect();
+            let (lb, seqb) = (g.buffer_from(&list).unwrap(), g.buffer_from(&tok_seq).unwrap());
+            let out_rows = DevBuf::alloc(4 * n_all * qd).unwrap();
+            ops::attention(
+                &g,
+                &k,
+                &layout,
+                qkvb.ptr,
+                ld,
+                kv.ptr,
+                tb.ptr,
+                stride,
+                seqb.ptr,
+                posb.ptr,
+                Some(lb.ptr),
+                window,
+                n,
+                s,
+                out_rows.ptr,
+                (part_o.ptr, part_ml.ptr),
+            )
+            .unwrap();
+            let all = download_f32(&g, &out_rows, n_all * qd);
+            let got: Vec<f32> = queries.iter().flat_map(|&t| all[t * qd..(t + 1) * qd].to_vec()).collect();
+            assert!(rel_err(&got, &want) < 1e-4, "attention through a token list");
+        }
 
         // The tensor-core prefill kernel: every position of both sequences as a query, in
         // tiles of up to 64 tokens (bf16 queries and probabilities: a looser tolerance).
