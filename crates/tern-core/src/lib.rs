@@ -7,6 +7,7 @@ pub mod generation;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod perplexity;
 pub mod rng;
 pub mod sampling;
 pub mod stop;

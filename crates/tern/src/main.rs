@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod bench_serve;
+mod eval;
 mod generate;
 mod pull;
 mod registry;
@@ -53,6 +54,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (completions, chat, tokenize, metrics).
     Serve(serve::ServeArgs),
+    /// Measure model quality (perplexity).
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
 }
 
 fn main() {
@@ -104,5 +108,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Eval(c) => eval::run(c),
     }
 }
