@@ -6,6 +6,7 @@ mod bench_serve;
 mod eval;
 mod generate;
 mod pull;
+mod quantize;
 mod registry;
 mod serve;
 
@@ -54,6 +55,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (completions, chat, tokenize, metrics).
     Serve(serve::ServeArgs),
+    /// Write a quantized copy of a GGUF model (int8, int4 RTN/GPTQ/AWQ; f32/f16 baselines).
+    Quantize(quantize::QuantizeArgs),
     /// Measure model quality (perplexity).
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -109,5 +112,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Eval(c) => eval::run(c),
+        Command::Quantize(a) => quantize::run(a),
     }
 }

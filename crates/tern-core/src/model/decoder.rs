@@ -23,6 +23,22 @@ pub enum LogitsFor {
     All,
 }
 
+/// Receives (layer, which input, the input rows) during a forward pass.
+pub type LinearObserver<'a> = dyn FnMut(usize, LinearInput, &[f32]) + 'a;
+
+/// The inputs of a layer's matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinearInput {
+    /// Normed residual: the input of q, k and v.
+    Attention,
+    /// Attention output: the input of o.
+    Output,
+    /// Normed residual: the input of gate and up.
+    Ffn,
+    /// SiLU(gate) · up: the input of down.
+    Down,
+}
+
 pub struct Decoder {
     pub weights: ModelWeights,
     pool: ThreadPool,
@@ -114,6 +130,23 @@ impl Decoder {
     /// depends only on its own sequence: the kernels do the same arithmetic per row whatever
     /// the batch holds, so batching never changes outputs.
     pub fn forward_batch(&mut self, chunks: &[SeqChunk], kv: &mut dyn KvStore, logits: &mut Vec<f32>) -> Result<()> {
+        self.forward_batch_observed(chunks, kv, logits, None)
+    }
+
+    /// [`Self::forward_batch`], handing the input rows of every layer's matrix products to
+    /// `observe` (calibration for quantization): (layer, which input, n rows × width values).
+    pub fn forward_batch_observed(
+        &mut self,
+        chunks: &[SeqChunk],
+        kv: &mut dyn KvStore,
+        logits: &mut Vec<f32>,
+        mut observe: Option<&mut LinearObserver>,
+    ) -> Result<()> {
+        let mut seen = |li: usize, which: LinearInput, rows: &[f32]| {
+            if let Some(f) = observe.as_mut() {
+                f(li, which, rows);
+            }
+        };
         let c = self.weights.config.clone();
         let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
         if n == 0 {
@@ -158,6 +191,7 @@ impl Decoder {
 
         for (li, layer) in self.weights.layers.iter().enumerate() {
             ops::rms_norm(&ws.x, &layer.attn_norm, c.rms_eps, &mut ws.h);
+            seen(li, LinearInput::Attention, &ws.h);
             matmuls(
                 &self.pool,
                 &mut ws.acts,
@@ -178,10 +212,12 @@ impl Decoder {
                 kv.write(li, slot.seq, slot.pos, k, &ws.v[i * kvd..(i + 1) * kvd]);
             }
             attention(&self.pool, &c, &*kv, li, &ws.q, &ws.slots, &ws.scores, &mut ws.attn);
+            seen(li, LinearInput::Output, &ws.attn);
             matmuls(&self.pool, &mut ws.acts, &ws.attn, n, &mut [(&layer.wo, &mut ws.proj)])?;
             ops::add_in_place(&mut ws.x, &ws.proj);
 
             ops::rms_norm(&ws.x, &layer.ffn_norm, c.rms_eps, &mut ws.h);
+            seen(li, LinearInput::Ffn, &ws.h);
             matmuls(
                 &self.pool,
                 &mut ws.acts,
@@ -190,6 +226,7 @@ impl Decoder {
                 &mut [(&layer.w_gate, &mut ws.gate), (&layer.w_up, &mut ws.up)],
             )?;
             ops::silu_mul(&mut ws.gate, &ws.up);
+            seen(li, LinearInput::Down, &ws.gate);
             matmuls(&self.pool, &mut ws.acts, &ws.gate, n, &mut [(&layer.w_down, &mut ws.proj)])?;
             ops::add_in_place(&mut ws.x, &ws.proj);
         }

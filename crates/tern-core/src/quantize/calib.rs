@@ -1,0 +1,121 @@
+//! Calibration statistics of a layer's matrix-product inputs, gathered by running the
+//! full-precision model over calibration text (every layer sees the unquantized model's
+//! activations): the Hessian Σ x·xᵀ for GPTQ, mean |x| per channel and a sample of rows for AWQ.
+
+use crate::kernels::ThreadPool;
+use crate::model::decoder::{Decoder, LinearInput};
+
+/// What to gather.
+#[derive(Clone, Copy, Debug)]
+pub struct Wanted {
+    pub hessian: bool,
+    /// Rows kept per input for AWQ's search (0: none, and no mean |x|).
+    pub sample_rows: usize,
+}
+
+/// Statistics of one input (one layer, one `LinearInput`).
+#[derive(Default)]
+pub struct InputStats {
+    pub width: usize,
+    pub tokens: usize,
+    /// Lower triangle filled, f32 sums (cols × cols).
+    pub hessian: Vec<f32>,
+    pub abs_sum: Vec<f64>,
+    pub sample: Vec<f32>,
+}
+
+impl InputStats {
+    /// The full symmetric Hessian in f64.
+    pub fn hessian_f64(&self) -> Vec<f64> {
+        let n = self.width;
+        (0..n * n).map(|e| self.hessian[(e / n).max(e % n) * n + (e / n).min(e % n)] as f64).collect()
+    }
+
+    pub fn mean_abs(&self) -> Vec<f32> {
+        self.abs_sum.iter().map(|&s| (s / self.tokens.max(1) as f64) as f32).collect()
+    }
+
+    pub fn sample_rows(&self) -> usize {
+        self.sample.len() / self.width.max(1)
+    }
+}
+
+pub const INPUTS: [LinearInput; 4] = [LinearInput::Attention, LinearInput::Output, LinearInput::Ffn, LinearInput::Down];
+
+/// Per layer, per `INPUTS` entry.
+pub struct Calibration {
+    pub layers: Vec<[InputStats; 4]>,
+}
+
+impl Calibration {
+    pub fn get(&self, layer: usize, which: LinearInput) -> &InputStats {
+        &self.layers[layer][INPUTS.iter().position(|&i| i == which).expect("every input is listed")]
+    }
+}
+
+/// Runs `windows` through `decoder` (each on a fresh cache), gathering `wanted`; `progress`
+/// gets the number of windows done.
+pub fn gather(
+    decoder: &mut Decoder,
+    windows: &[&[u32]],
+    wanted: Wanted,
+    pool: &ThreadPool,
+    mut progress: impl FnMut(usize),
+) -> anyhow::Result<Calibration> {
+    let n_layers = decoder.config().n_layers;
+    let mut cal = Calibration { layers: (0..n_layers).map(|_| Default::default()).collect() };
+    for (wi, w) in windows.iter().enumerate() {
+        let mut cache = decoder.new_cache(w.len());
+        let mut logits = Vec::new();
+        let chunk = crate::model::decoder::SeqChunk { seq: 0, tokens: w, pos0: 0, logits: None };
+        let n = w.len();
+        let mut observe = |li: usize, which: LinearInput, rows: &[f32]| {
+            let s = &mut cal.layers[li][INPUTS.iter().position(|&i| i == which).expect("listed")];
+            add_rows(s, rows, n, wanted, pool);
+        };
+        decoder.forward_batch_observed(&[chunk], &mut cache, &mut logits, Some(&mut observe))?;
+        progress(wi + 1);
+    }
+    Ok(cal)
+}
+
+pub fn add_rows(s: &mut InputStats, rows: &[f32], n: usize, wanted: Wanted, pool: &ThreadPool) {
+    let k = rows.len() / n;
+    if s.width == 0 {
+        s.width = k;
+        if wanted.hessian {
+            s.hessian = vec![0.0; k * k];
+        }
+        if wanted.sample_rows > 0 {
+            s.abs_sum = vec![0.0; k];
+        }
+    }
+    s.tokens += n;
+    if wanted.sample_rows > 0 {
+        for row in rows.chunks_exact(k) {
+            s.abs_sum.iter_mut().zip(row).for_each(|(a, &v)| *a += v.abs() as f64);
+        }
+        let keep = (wanted.sample_rows - s.sample_rows()).min(n);
+        s.sample.extend_from_slice(&rows[..keep * k]);
+    }
+    if wanted.hessian {
+        // H[i][j] += Σ_t x_t[i]·x_t[j] (lower triangle), as dots of the transposed rows; threads
+        // take interleaved i so their shares of the triangle are even.
+        let xt: Vec<f32> = (0..k * n).map(|e| rows[(e % n) * k + e / n]).collect();
+        let h = Shared(s.hessian.as_mut_ptr());
+        pool.run(|t, nt| {
+            let h = &h;
+            for i in (t..k).step_by(nt) {
+                let xi = &xt[i * n..(i + 1) * n];
+                for j in 0..=i {
+                    // SAFETY: row i of H belongs to one thread.
+                    unsafe { *h.0.add(i * k + j) += crate::model::ops::dot(xi, &xt[j * n..(j + 1) * n]) };
+                }
+            }
+        });
+    }
+}
+
+struct Shared(*mut f32);
+// SAFETY: threads write disjoint rows.
+unsafe impl Sync for Shared {}

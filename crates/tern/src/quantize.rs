@@ -1,0 +1,152 @@
+//! `tern quantize`: rewrites a GGUF model's layer matrices with a quantization method
+//! (tern_core::quantize), calibrating on text where the method needs it.
+
+use crate::args::ModelArgs;
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::time::Instant;
+use tern_core::gguf::GgufFile;
+use tern_core::model::{load_gguf, ModelSource};
+use tern_core::quantize::{self, Method, Options};
+use tern_core::tokenizer::Tokenizer;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MethodArg {
+    /// The dequantized weights in f32 (the full-precision baseline).
+    F32,
+    /// The dequantized weights rounded to f16.
+    F16,
+    /// Per-output-channel symmetric int8 (stored as Q8_0).
+    Int8,
+    /// Group-wise asymmetric int4, round to nearest (stored as Q4_1).
+    Int4Rtn,
+    /// GPTQ int4 from calibration Hessians (stored as Q4_1).
+    Gptq,
+    /// AWQ activation-aware scales, then group-wise int4 (stored as Q4_1).
+    Awq,
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, value_enum)]
+    method: MethodArg,
+    /// Bits per weight of the method (4 for int4-rtn/gptq/awq, 8 for int8); a check only.
+    #[arg(long)]
+    bits: Option<usize>,
+    /// Columns per int4 group (a multiple of 32).
+    #[arg(long, default_value_t = 128)]
+    group_size: usize,
+    /// Calibration text for gptq and awq (e.g. data/botchan-calib.txt; keep it apart from the
+    /// evaluation text).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Calibration windows of --calib-ctx tokens.
+    #[arg(long, default_value_t = 16)]
+    calib_windows: usize,
+    #[arg(long, default_value_t = 512)]
+    calib_ctx: usize,
+    /// GPTQ damping, as a fraction of the Hessian's mean diagonal.
+    #[arg(long, default_value_t = 0.1)]
+    damp: f64,
+    /// GPTQ: quantize columns in their stored order instead of by decreasing activation
+    /// energy (act-order; on SmolLM2-135M the stored order lost to round-to-nearest).
+    #[arg(long)]
+    no_act_order: bool,
+    /// AWQ: calibration rows its scale search measures the output error on.
+    #[arg(long, default_value_t = 128)]
+    awq_rows: usize,
+    /// Output .gguf file (written completely or not at all).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+}
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len as u64);
+    b.set_style(
+        ProgressStyle::with_template(&format!("{what} [{{bar:30}}] {{pos}}/{{len}} ({{elapsed}}, eta {{eta}})"))
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b
+}
+
+pub fn run(a: QuantizeArgs) -> Result<()> {
+    let method = match a.method {
+        MethodArg::F32 => Method::F32,
+        MethodArg::F16 => Method::F16,
+        MethodArg::Int8 => Method::Int8,
+        MethodArg::Int4Rtn => Method::Int4Rtn,
+        MethodArg::Gptq => Method::Gptq,
+        MethodArg::Awq => Method::Awq,
+    };
+    if let Some(b) = a.bits {
+        if b != method.bits() {
+            bail!(
+                "--method {} quantizes to {} bits; --bits {b} is not supported with it",
+                method.name(),
+                method.bits()
+            );
+        }
+    }
+    if a.no_act_order && method != Method::Gptq {
+        bail!("--no-act-order applies to --method gptq only");
+    }
+    let o = Options { method, group: a.group_size, damp: a.damp, act_order: !a.no_act_order, awq_rows: a.awq_rows };
+    o.check()?;
+    if method.needs_calibration() != a.calib.is_some() {
+        bail!(
+            "--calib is {} for --method {}",
+            if method.needs_calibration() { "required" } else { "not used" },
+            method.name()
+        );
+    }
+    let ModelSource::Gguf(path) = a.model.source()? else { bail!("tern quantize reads GGUF models") };
+    if a.out.canonicalize().ok() == path.canonicalize().ok() {
+        bail!("--out would overwrite the input model");
+    }
+    let t0 = Instant::now();
+    let src = GgufFile::open(&path)?;
+    let weights = load_gguf::load(&src)?.dequantized()?;
+    let threads = a.model.threads()?;
+
+    let (cal, calib_tokens) = match &a.calib {
+        Some(file) => {
+            let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", file.display()))?;
+            let tok = Tokenizer::from_gguf(&src)?;
+            let ids = tok.encode(&text, false)?;
+            let windows = tern_core::perplexity::windows(&ids, a.calib_ctx, Some(a.calib_windows))?;
+            let b = bar(windows.len(), "calibrating");
+            let cal = quantize::calibrate(&weights, &windows, &o, threads, |n| b.set_position(n as u64))?;
+            b.finish_and_clear();
+            (Some(cal), windows.len() * a.calib_ctx)
+        }
+        None => (None, 0),
+    };
+    let total = weights.layers.len() * 7;
+    let b = bar(total, &format!("{:>11}", method.name()));
+    let (tensors, summary) = quantize::quantize(&src, &weights, &o, cal.as_ref(), |n, _| b.set_position(n as u64))?;
+    b.finish_and_clear();
+    let meta = quantize::metadata(&src, &o, calib_tokens);
+    tern_core::gguf_write::write(&a.out, &meta, &tensors)?;
+    let size = std::fs::metadata(&a.out)?.len();
+    println!(
+        "{}: {} layer matrices ({:.1}M weights) at {:.2} bits/weight stored, mean relative error {:.3e}{}",
+        method.name(),
+        summary.matrices,
+        summary.weights as f64 / 1e6,
+        summary.stored_bytes as f64 * 8.0 / summary.weights as f64,
+        summary.mean_rel_error,
+        if summary.awq_alphas.is_empty() {
+            String::new()
+        } else {
+            format!(", AWQ α mean {:.2}", summary.awq_alphas.iter().sum::<f32>() / summary.awq_alphas.len() as f32)
+        }
+    );
+    println!("wrote {} ({:.1} MB) in {:.1} s", a.out.display(), size as f64 / 1e6, t0.elapsed().as_secs_f64());
+    Ok(())
+}
