@@ -2,7 +2,8 @@
 # The quantization results table: for each model and method, `tern quantize` (calibrating on
 # data/botchan-calib.txt), perplexity on the first WINDOWS windows of data/botchan-eval.txt,
 # file size, stored bits per weight of the layer matrices, and CPU decode speed (2 threads).
-# The baseline row is the source GGUF's weights dequantized to f32 (`--method f32`).
+# The baseline row is the source GGUF's weights dequantized to f32 (`--method f32`); the
+# `kv-int8` row is that baseline with the KV cache stored as int8.
 # Usage: scripts/bench-quant.sh [model:method,method ...] (default: the README's rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,14 +21,19 @@ for spec in "${specs[@]}"; do
   for method in "${methods[@]}"; do
     file="$out/$model-$method.gguf"
     calib=()
-    case "$method" in gptq | awq) calib=(--calib data/botchan-calib.txt) ;; esac
+    kv=f32
+    quant="$method"
+    case "$method" in
+      gptq | awq) calib=(--calib data/botchan-calib.txt) ;;
+      kv-int8) quant=f32 kv=int8 ;;
+    esac
     t0=$(date +%s.%N)
-    report=$("$tern" quantize -m "$model" --method "$method" "${calib[@]}" -t 2 -o "$file" 2>/dev/null | head -1)
+    report=$("$tern" quantize -m "$model" --method "$quant" "${calib[@]}" -t 2 -o "$file" 2>/dev/null | head -1)
     t1=$(date +%s.%N)
     bpw=$(sed -n 's/.* at \([0-9.]*\) bits\/weight.*/\1/p' <<<"$report")
-    ppl=$("$tern" eval perplexity -m "$file" --text data/botchan-eval.txt --max-windows "$windows" -t 2 --json |
+    ppl=$("$tern" eval perplexity -m "$file" --text data/botchan-eval.txt --max-windows "$windows" -t 2 --kv-cache-dtype "$kv" --json |
       python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.3f ± %.3f" % (d["ppl"], d["ppl_stderr"]))')
-    tg=$("$tern" bench -m "$file" -p 0 -n 64 -r 3 -t 2 --json |
+    tg=$("$tern" bench -m "$file" -p 0 -n 64 -r 3 -t 2 --kv-cache-dtype "$kv" --json |
       python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.1f" % [r for r in d["results"] if r["test"].startswith("tg")][0]["tok_per_s_median"])')
     mb=$(python3 -c "import os; print('%.1f' % (os.path.getsize('$file') / 1e6))")
     secs=$(python3 -c "print('%.0f' % ($t1 - $t0))")

@@ -6,6 +6,7 @@
 //! are scored; otherwise it sees the window and tokens 1.. are scored (`ctx − 1`).
 
 use crate::model::decoder::{Decoder, LogitsFor};
+use crate::model::kv_cache::KvDtype;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 
@@ -63,10 +64,10 @@ pub fn tokenize(tokenizer: &Tokenizer, text: &str, ctx: usize, max_context: usiz
     tokenizer.encode(text, false)
 }
 
-/// Scores one window on a fresh cache.
-pub fn score_window(decoder: &mut Decoder, window: &[u32], bos: Option<u32>) -> Result<WindowScore> {
+/// Scores one window on a fresh cache whose K/V rows are stored as `kv`.
+pub fn score_window(decoder: &mut Decoder, window: &[u32], bos: Option<u32>, kv: KvDtype) -> Result<WindowScore> {
     let input: Vec<u32> = bos.into_iter().chain(window.iter().copied()).collect();
-    let mut cache = decoder.new_cache(input.len());
+    let mut cache = decoder.new_cache_of(input.len(), kv);
     let mut logits = Vec::new();
     decoder.forward(&input, &mut cache, LogitsFor::All, &mut logits)?;
     let vocab = decoder.config().vocab_size;

@@ -198,6 +198,9 @@ pub struct EngineArgs {
     /// Do not share KV blocks between requests with a common prefix.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// Storage of the CPU KV cache: f32, or int8 (per position and KV head, 3.9× smaller).
+    #[arg(long, default_value = "f32")]
+    pub kv_cache_dtype: String,
 }
 
 impl EngineArgs {
@@ -217,6 +220,7 @@ impl EngineArgs {
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             enable_prefix_caching: !self.no_prefix_caching,
+            kv_cache_dtype: tern_core::model::kv_cache::KvDtype::parse(&self.kv_cache_dtype)?,
             n_threads,
             device,
         })

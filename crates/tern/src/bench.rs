@@ -33,6 +33,9 @@ pub struct BenchArgs {
     /// Timed repetitions of each test (after one warm-up run).
     #[arg(long, short = 'r', default_value_t = 5)]
     pub repetitions: usize,
+    /// Storage of the CPU KV cache: f32 or int8.
+    #[arg(long, default_value = "f32")]
+    pub kv_cache_dtype: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -96,8 +99,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     // Runs go through the engine, one request at a time: a pool for the context plus two
     // runs, and a step budget that prefills each prompt in one pass.
-    let per_token = (cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 4) as u64;
+    let kv_dtype = tern_core::model::kv_cache::KvDtype::parse(&a.kv_cache_dtype)?;
+    let per_token = (cfg.n_layers * 2 * kv_dtype.row_bytes(cfg.n_kv_heads, cfg.head_dim)) as u64;
     let engine_config = EngineConfig {
+        kv_cache_dtype: kv_dtype,
         kv_cache_memory: Some(per_token * (2 * longest as u64 + 4 * DEFAULT_BLOCK_SIZE as u64)),
         max_num_batched_tokens: longest.max(1),
         n_threads: threads,

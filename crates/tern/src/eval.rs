@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Instant;
 use tern_core::model::decoder::Decoder;
+use tern_core::model::kv_cache::KvDtype;
 use tern_core::perplexity::{self, Perplexity};
 
 #[derive(Subcommand)]
@@ -34,6 +35,9 @@ pub struct PerplexityArgs {
     /// quantized kernels.
     #[arg(long)]
     dequantize: bool,
+    /// Storage of the KV cache: f32, or int8 (per position and KV head).
+    #[arg(long, default_value = "f32")]
+    kv_cache_dtype: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -49,6 +53,7 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     if a.model.device()? != tern_core::engine::Device::Cpu {
         bail!("tern eval perplexity runs on the CPU (--device cpu)");
     }
+    let kv = KvDtype::parse(&a.kv_cache_dtype)?;
     let bytes = std::fs::read(&a.text).with_context(|| format!("cannot read {}", a.text.display()))?;
     let text = String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", a.text.display()))?;
     let loaded = a.model.load()?;
@@ -72,7 +77,7 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut scores = Vec::with_capacity(windows.len());
     for w in &windows {
-        scores.push(perplexity::score_window(&mut decoder, w, bos)?);
+        scores.push(perplexity::score_window(&mut decoder, w, bos, kv)?);
         bar.set_message(format!("ppl {:.4}", Perplexity::from_windows(&scores).map_or(f64::NAN, |p| p.ppl)));
         bar.inc(1);
     }
@@ -80,12 +85,16 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     let seconds = t0.elapsed().as_secs_f64();
     let p = Perplexity::from_windows(&scores)?;
     let evaluated = windows.len() * (a.ctx + usize::from(bos.is_some()));
+    let c = decoder.config();
+    let kv_bytes_per_token = c.n_layers * 2 * kv.row_bytes(c.n_kv_heads, c.head_dim);
     if a.json {
         let out = serde_json::json!({
             "model": a.model.model,
             "text": a.text.display().to_string(),
             "ctx": a.ctx,
             "dequantized": a.dequantize,
+            "kv_cache_dtype": kv.name(),
+            "kv_bytes_per_token": kv_bytes_per_token,
             "add_bos": bos.is_some(),
             "text_tokens": tokens.len(),
             "windows": windows.len(),
@@ -100,7 +109,7 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
         println!("{out}");
     } else {
         println!(
-            "perplexity {:.4} ± {:.4} over {} tokens ({} windows of {}{}), {:.1} s ({:.0} tokens/s)",
+            "perplexity {:.4} ± {:.4} over {} tokens ({} windows of {}{}), {:.1} s ({:.0} tokens/s), KV cache {} ({} bytes per token)",
             p.ppl,
             p.ppl_stderr,
             p.tokens_scored,
@@ -108,7 +117,9 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
             a.ctx,
             if bos.is_some() { " after BOS" } else { "" },
             seconds,
-            evaluated as f64 / seconds
+            evaluated as f64 / seconds,
+            kv.name(),
+            kv_bytes_per_token
         );
     }
     Ok(())

@@ -77,3 +77,32 @@ fn bad_inputs_fail_cleanly() {
     let e = tern_err(&["eval", "perplexity", "--text", short.to_str().unwrap()]);
     assert!(e.contains("not UTF-8"), "{e}");
 }
+
+#[test]
+fn int8_kv_cache_stays_close() {
+    let text = repo_root().join("data/botchan-eval.txt");
+    let run = |kv: &str| -> Value {
+        let args = [
+            "eval",
+            "perplexity",
+            "-m",
+            "smollm2-135m",
+            "--text",
+            text.to_str().unwrap(),
+            "--max-windows",
+            "2",
+            "--kv-cache-dtype",
+            kv,
+            "--json",
+        ];
+        serde_json::from_str(tern_ok(&args).trim()).unwrap()
+    };
+    let (f, q) = (run("f32"), run("int8"));
+    let rel = q["ppl"].as_f64().unwrap() / f["ppl"].as_f64().unwrap() - 1.0;
+    eprintln!("int8 KV: perplexity {} vs {} ({:+.3}%)", q["ppl"], f["ppl"], 100.0 * rel);
+    assert!(rel.abs() < 0.01, "int8 KV moves perplexity by {:.3}%", 100.0 * rel);
+    let (fb, qb) = (f["kv_bytes_per_token"].as_u64().unwrap(), q["kv_bytes_per_token"].as_u64().unwrap());
+    assert!(qb * 3 < fb, "int8 KV takes {qb} bytes per token against {fb}");
+    let e = tern_err(&["eval", "perplexity", "--text", text.to_str().unwrap(), "--kv-cache-dtype", "fp8"]);
+    assert!(e.contains("unknown KV cache dtype"), "{e}");
+}

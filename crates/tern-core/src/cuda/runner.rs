@@ -15,6 +15,7 @@ use crate::engine::runner::{blocks_in, most_needed, Row, Runner, StepOutput};
 use crate::engine::EngineConfig;
 use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::decoder::{LogitsFor, SeqChunk};
+use crate::model::kv_cache::KvDtype;
 use crate::model::Weights;
 use anyhow::{bail, ensure, Result};
 use std::collections::HashMap;
@@ -112,6 +113,9 @@ pub struct CudaRunner {
 
 impl CudaRunner {
     pub fn new(weights: Weights, cfg: &EngineConfig, ordinal: usize) -> Result<Self> {
+        if cfg.kv_cache_dtype != KvDtype::F32 {
+            bail!("--kv-cache-dtype {} is CPU-only: the GPU cache is bf16", cfg.kv_cache_dtype.name());
+        }
         let gpu = Gpu::open(ordinal)?;
         let k = Kernels::load(&gpu)?;
         let model = match weights {

@@ -33,6 +33,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Bytes for the KV block pool; None: `DEFAULT_KV_MEMORY_FRACTION` of available memory.
     pub kv_cache_memory: Option<u64>,
+    /// Storage of cached K/V rows (the CPU pool; the GPU pool is bf16).
+    pub kv_cache_dtype: crate::model::kv_cache::KvDtype,
     /// Most sequences scheduled in one step.
     pub max_num_seqs: usize,
     /// Most tokens (prefill chunks + decode tokens) in one step.
@@ -82,6 +84,7 @@ impl Default for EngineConfig {
         EngineConfig {
             block_size: DEFAULT_BLOCK_SIZE,
             kv_cache_memory: None,
+            kv_cache_dtype: Default::default(),
             max_num_seqs: 64,
             max_num_batched_tokens: 512,
             enable_prefix_caching: true,

@@ -2,38 +2,40 @@
 //! keys and values for every layer. Sequences address it through block tables.
 
 use crate::model::config::ModelConfig;
-use crate::model::kv_cache::KvStore;
+use crate::model::kv_cache::{KvDtype, KvRowBuf, KvRows, KvStore};
 use anyhow::{bail, Result};
 
 pub(crate) struct PagedKv {
-    /// Block-major: block b, layer l, K then V, `block_size × kv_dim` floats each.
-    arena: Vec<f32>,
+    /// Block-major rows: block b, layer l, K then V, `block_size` rows each.
+    arena: KvRowBuf,
     n_layers: usize,
-    kv_dim: usize,
     block_size: usize,
     n_blocks: usize,
 }
 
 impl PagedKv {
-    pub(crate) fn bytes_per_block(c: &ModelConfig, block_size: usize) -> usize {
-        c.n_layers * 2 * block_size * c.n_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+    pub(crate) fn bytes_per_block(c: &ModelConfig, block_size: usize, dtype: KvDtype) -> usize {
+        c.n_layers * 2 * block_size * dtype.row_bytes(c.n_kv_heads, c.head_dim)
     }
 
-    pub(crate) fn new(c: &ModelConfig, block_size: usize, n_blocks: usize) -> Result<Self> {
-        let kv_dim = c.n_kv_heads * c.head_dim;
-        let Some(len) = n_blocks.checked_mul(c.n_layers * 2 * block_size * kv_dim) else {
+    pub(crate) fn new(c: &ModelConfig, block_size: usize, n_blocks: usize, dtype: KvDtype) -> Result<Self> {
+        let Some(rows) = n_blocks.checked_mul(c.n_layers * 2 * block_size) else {
             bail!("a KV pool of {n_blocks} blocks is too large");
         };
-        // Zeroed memory is mapped lazily by the OS: pages cost memory once written.
-        Ok(PagedKv { arena: vec![0.0; len], n_layers: c.n_layers, kv_dim, block_size, n_blocks })
+        if rows.checked_mul(c.n_kv_heads * c.head_dim * 4).is_none() {
+            bail!("a KV pool of {n_blocks} blocks is too large");
+        }
+        let arena = KvRowBuf::new(dtype, c.n_kv_heads, c.head_dim, rows);
+        Ok(PagedKv { arena, n_layers: c.n_layers, block_size, n_blocks })
     }
 
     pub(crate) fn n_blocks(&self) -> usize {
         self.n_blocks
     }
 
-    fn offset(&self, block: u32, layer: usize) -> usize {
-        (block as usize * self.n_layers + layer) * 2 * self.block_size * self.kv_dim
+    /// The first row of (block, layer)'s keys; its values follow `block_size` rows later.
+    fn first_row(&self, block: u32, layer: usize) -> usize {
+        (block as usize * self.n_layers + layer) * 2 * self.block_size
     }
 }
 
@@ -48,16 +50,16 @@ impl KvStore for PagedView<'_> {
         self.kv.block_size
     }
 
-    fn kv_block(&self, layer: usize, seq: usize, block: usize) -> (&[f32], &[f32]) {
-        let n = self.kv.block_size * self.kv.kv_dim;
-        let at = self.kv.offset(self.tables[seq][block], layer);
-        (&self.kv.arena[at..at + n], &self.kv.arena[at + n..at + 2 * n])
+    fn kv_block(&self, layer: usize, seq: usize, block: usize) -> (KvRows<'_>, KvRows<'_>) {
+        let bs = self.kv.block_size;
+        let r = self.kv.first_row(self.tables[seq][block], layer);
+        (self.kv.arena.rows(r, bs), self.kv.arena.rows(r + bs, bs))
     }
 
     fn write(&mut self, layer: usize, seq: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let (bs, kvd) = (self.kv.block_size, self.kv.kv_dim);
-        let at = self.kv.offset(self.tables[seq][pos / bs], layer) + pos % bs * kvd;
-        self.kv.arena[at..at + kvd].copy_from_slice(k);
-        self.kv.arena[at + bs * kvd..at + bs * kvd + kvd].copy_from_slice(v);
+        let bs = self.kv.block_size;
+        let r = self.kv.first_row(self.tables[seq][pos / bs], layer) + pos % bs;
+        self.kv.arena.write(r, k);
+        self.kv.arena.write(r + bs, v);
     }
 }

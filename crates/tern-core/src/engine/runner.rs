@@ -39,7 +39,7 @@ pub(crate) trait Runner {
     fn forward(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], greedy: &[bool], out: &mut StepOutput) -> Result<()>;
 }
 
-/// The CPU: the decoder and a host-memory block pool (f32 K/V).
+/// The CPU: the decoder and a host-memory block pool (f32 or int8 K/V).
 pub(crate) struct CpuRunner {
     decoder: Decoder,
     kv: PagedKv,
@@ -48,7 +48,7 @@ pub(crate) struct CpuRunner {
 impl CpuRunner {
     pub(crate) fn new(weights: ModelWeights, cfg: &EngineConfig) -> Result<Self> {
         let c = &weights.config;
-        let per_block = PagedKv::bytes_per_block(c, cfg.block_size) as u64;
+        let per_block = PagedKv::bytes_per_block(c, cfg.block_size, cfg.kv_cache_dtype) as u64;
         let budget = match cfg.kv_cache_memory {
             Some(b) => b,
             None => {
@@ -57,7 +57,7 @@ impl CpuRunner {
             }
         };
         let n_blocks = blocks_in(budget, per_block, cfg.block_size)?;
-        let kv = PagedKv::new(c, cfg.block_size, n_blocks)?;
+        let kv = PagedKv::new(c, cfg.block_size, n_blocks, cfg.kv_cache_dtype)?;
         Ok(CpuRunner { decoder: Decoder::new(weights, cfg.n_threads), kv })
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::kernels::{self, QuantizedActs, ThreadPool};
 use crate::model::config::{ModelConfig, RopeStyle};
-use crate::model::kv_cache::{KvCache, KvStore};
+use crate::model::kv_cache::{KvCache, KvDtype, KvStore};
 use crate::model::ops;
 use crate::model::weights::{Matrix, ModelWeights};
 use anyhow::{bail, Result};
@@ -98,8 +98,12 @@ impl Decoder {
     }
 
     pub fn new_cache(&self, capacity: usize) -> KvCache {
+        self.new_cache_of(capacity, KvDtype::F32)
+    }
+
+    pub fn new_cache_of(&self, capacity: usize, dtype: KvDtype) -> KvCache {
         let c = self.config();
-        KvCache::new(c.n_layers, c.n_kv_heads * c.head_dim, capacity)
+        KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, capacity, dtype)
     }
 
     /// Runs `tokens` at positions `cache.len()..` of a single sequence, appends their K/V to
@@ -357,7 +361,7 @@ fn attention(
     scores: &[Mutex<Vec<f32>>],
     out: &mut [f32],
 ) {
-    let (hd, qd, kvd) = (c.head_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+    let (hd, qd) = (c.head_dim, c.n_heads * c.head_dim);
     let n = slots.len();
     let group = c.n_heads / c.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -378,18 +382,19 @@ fn attention(
             let Slot { seq, pos } = slots[i];
             let start = c.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let len = pos + 1 - start;
-            // The blocks holding positions start..=pos, and each one's share of that range.
+            // The blocks holding positions start..=pos, and each one's share of that range
+            // (scores range, first row in the block).
             let spans = (start / bs..=pos / bs).map(|b| {
                 let (lo, hi) = (start.max(b * bs), (pos + 1).min((b + 1) * bs));
-                (b, lo - start..hi - start, (lo - b * bs) * kvd + kvh * hd)
+                (b, lo - start..hi - start, lo - b * bs)
             });
             let heads = i * qd + first_head * hd..i * qd + (first_head + per_task) * hd;
             let qg = &q[heads.clone()];
             s.clear();
             s.resize(per_task * len, 0.0);
             for (qh, sh) in qg.chunks_exact(hd).zip(s.chunks_exact_mut(len)) {
-                for (b, range, at) in spans.clone() {
-                    ops::scaled_dots(qh, &kv.kv_block(layer, seq, b).0[at..], kvd, scale, &mut sh[range]);
+                for (b, range, first) in spans.clone() {
+                    kv.kv_block(layer, seq, b).0.scaled_dots(qh, first, kvh, scale, &mut sh[range]);
                 }
             }
             s.chunks_exact_mut(len).for_each(ops::softmax);
@@ -397,8 +402,8 @@ fn attention(
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(heads.start), heads.len()) };
             o.fill(0.0);
             for (oh, sh) in o.chunks_exact_mut(hd).zip(s.chunks_exact(len)) {
-                for (b, range, at) in spans.clone() {
-                    ops::weighted_sum(&sh[range], &kv.kv_block(layer, seq, b).1[at..], kvd, oh);
+                for (b, range, first) in spans.clone() {
+                    kv.kv_block(layer, seq, b).1.weighted_sum(&sh[range], first, kvh, oh);
                 }
             }
         }

@@ -66,6 +66,63 @@ pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     }
 }
 
+/// [`scaled_dots`] over int8 rows with one scale per row (`scales[j * sstride]`).
+pub fn scaled_dots_i8(
+    q: &[f32],
+    rows: &[i8],
+    stride: usize,
+    scales: &[f32],
+    sstride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert!(out.is_empty() || (out.len() - 1) * stride + q.len() <= rows.len(), "scaled_dots_i8: rows too short");
+    assert!(out.is_empty() || (out.len() - 1) * sstride < scales.len(), "scaled_dots_i8: scales too short");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && q.len().is_multiple_of(8) {
+        // SAFETY: AVX2+FMA checked; bounds asserted above.
+        return unsafe { x86::scaled_dots_i8(q, rows, stride, scales, sstride, scale, out) };
+    }
+    scaled_dots_i8_scalar(q, rows, stride, scales, sstride, scale, out)
+}
+
+pub fn scaled_dots_i8_scalar(
+    q: &[f32],
+    rows: &[i8],
+    stride: usize,
+    scales: &[f32],
+    sstride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let r = &rows[j * stride..j * stride + q.len()];
+        *o = scale * scales[j * sstride] * q.iter().zip(r).map(|(&a, &b)| a * b as f32).sum::<f32>();
+    }
+}
+
+/// [`weighted_sum`] over int8 rows with one scale per row (`scales[j * sstride]`).
+pub fn weighted_sum_i8(w: &[f32], rows: &[i8], stride: usize, scales: &[f32], sstride: usize, out: &mut [f32]) {
+    assert!(w.is_empty() || (w.len() - 1) * stride + out.len() <= rows.len(), "weighted_sum_i8: rows too short");
+    assert!(w.is_empty() || (w.len() - 1) * sstride < scales.len(), "weighted_sum_i8: scales too short");
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && out.len().is_multiple_of(8) {
+        // SAFETY: AVX2+FMA checked; bounds asserted above.
+        return unsafe { x86::weighted_sum_i8(w, rows, stride, scales, sstride, out) };
+    }
+    weighted_sum_i8_scalar(w, rows, stride, scales, sstride, out)
+}
+
+pub fn weighted_sum_i8_scalar(w: &[f32], rows: &[i8], stride: usize, scales: &[f32], sstride: usize, out: &mut [f32]) {
+    let d = out.len();
+    for (j, &wj) in w.iter().enumerate() {
+        let f = wj * scales[j * sstride];
+        for (o, &r) in out.iter_mut().zip(&rows[j * stride..j * stride + d]) {
+            *o += f * r as f32;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -112,6 +169,73 @@ mod x86 {
                 let wv = _mm256_set1_ps(wj);
                 for (a, acc) in acc.iter_mut().enumerate().take(n) {
                     *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r.add(8 * a)), *acc);
+                }
+            }
+            for (a, acc) in acc.iter().enumerate().take(n) {
+                _mm256_storeu_ps(o.add(i + 8 * a), *acc);
+            }
+            i += 8 * n;
+        }
+    }
+
+    /// 8 int8 values as f32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn i8x8(p: *const i8) -> __m256 {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+
+    /// Requires q.len() % 8 == 0 and every row and scale in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scaled_dots_i8(
+        q: &[f32],
+        rows: &[i8],
+        stride: usize,
+        scales: &[f32],
+        sstride: usize,
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let d = q.len();
+        for (j, o) in out.iter_mut().enumerate() {
+            let r = rows.as_ptr().add(j * stride);
+            let mut a = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < d {
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), i8x8(r.add(i)), a);
+                i += 8;
+            }
+            let v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+            *o = scale * scales[j * sstride] * _mm_cvtss_f32(v);
+        }
+    }
+
+    /// Requires out.len() % 8 == 0 and every row and scale in bounds.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum_i8(
+        w: &[f32],
+        rows: &[i8],
+        stride: usize,
+        scales: &[f32],
+        sstride: usize,
+        out: &mut [f32],
+    ) {
+        let d = out.len();
+        let o = out.as_mut_ptr();
+        let mut i = 0;
+        while i < d {
+            let n = (d - i).min(32) / 8;
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (a, acc) in acc.iter_mut().enumerate().take(n) {
+                *acc = _mm256_loadu_ps(o.add(i + 8 * a));
+            }
+            for (j, &wj) in w.iter().enumerate() {
+                let r = rows.as_ptr().add(j * stride + i);
+                let wv = _mm256_set1_ps(wj * scales[j * sstride]);
+                for (a, acc) in acc.iter_mut().enumerate().take(n) {
+                    *acc = _mm256_fmadd_ps(wv, i8x8(r.add(8 * a)), *acc);
                 }
             }
             for (a, acc) in acc.iter().enumerate().take(n) {
@@ -214,6 +338,28 @@ mod tests {
                 axpy_scalar(wj, &rows[j * stride..j * stride + d], &mut want);
             }
             assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-4 * n as f32), "d {d}");
+        }
+    }
+
+    #[test]
+    fn int8_attention_loops_match_scalar() {
+        let mut rng = Rng::new(3);
+        // (head dim, row stride, scale stride, rows)
+        for (d, stride, sstride, n) in
+            [(64, 192, 3, 37), (128, 256, 2, 5), (8, 8, 1, 1), (40, 48, 1, 9), (12, 12, 1, 3)]
+        {
+            let rows: Vec<i8> = (0..n * stride).map(|_| (rng.next_u64() % 255) as i8).collect();
+            let scales: Vec<f32> = (0..n * sstride).map(|_| rng.next_f32() * 0.01).collect();
+            let q: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
+            let (mut got, mut want) = (vec![0.0; n], vec![0.0; n]);
+            scaled_dots_i8(&q, &rows, stride, &scales, sstride, 0.5, &mut got);
+            scaled_dots_i8_scalar(&q, &rows, stride, &scales, sstride, 0.5, &mut want);
+            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs())), "d {d}");
+            let w: Vec<f32> = (0..n).map(|_| rng.next_f32()).collect();
+            let (mut got, mut want) = (vec![1.0; d], vec![1.0; d]);
+            weighted_sum_i8(&w, &rows, stride, &scales, sstride, &mut got);
+            weighted_sum_i8_scalar(&w, &rows, stride, &scales, sstride, &mut want);
+            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs())), "d {d}");
         }
     }
 
