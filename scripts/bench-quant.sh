@@ -24,7 +24,7 @@ for spec in "${specs[@]}"; do
     kv=f32
     quant="$method"
     case "$method" in
-      gptq | awq) calib=(--calib data/botchan-calib.txt) ;;
+      gptq | awq | llm-int8) calib=(--calib data/botchan-calib.txt) ;;
       kv-int8) quant=f32 kv=int8 ;;
     esac
     t0=$(date +%s.%N)

@@ -20,6 +20,9 @@ enum MethodArg {
     F16,
     /// Per-output-channel symmetric int8 (stored as Q8_0).
     Int8,
+    /// LLM.int8(): outlier input channels (calibration |x| ≥ --outlier-threshold) in f32, the
+    /// rest per-channel int8.
+    LlmInt8,
     /// Group-wise asymmetric int4, round to nearest (stored as Q4_1).
     Int4Rtn,
     /// GPTQ int4 from calibration Hessians (stored as Q4_1).
@@ -59,6 +62,9 @@ pub struct QuantizeArgs {
     /// AWQ: calibration rows its scale search measures the output error on.
     #[arg(long, default_value_t = 128)]
     awq_rows: usize,
+    /// LLM.int8(): the activation magnitude that makes an input channel an outlier.
+    #[arg(long, default_value_t = 6.0)]
+    outlier_threshold: f32,
     /// Output .gguf file (written completely or not at all).
     #[arg(long, short = 'o')]
     out: PathBuf,
@@ -79,6 +85,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         MethodArg::F32 => Method::F32,
         MethodArg::F16 => Method::F16,
         MethodArg::Int8 => Method::Int8,
+        MethodArg::LlmInt8 => Method::LlmInt8,
         MethodArg::Int4Rtn => Method::Int4Rtn,
         MethodArg::Gptq => Method::Gptq,
         MethodArg::Awq => Method::Awq,
@@ -95,7 +102,14 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     if a.no_act_order && method != Method::Gptq {
         bail!("--no-act-order applies to --method gptq only");
     }
-    let o = Options { method, group: a.group_size, damp: a.damp, act_order: !a.no_act_order, awq_rows: a.awq_rows };
+    let o = Options {
+        method,
+        group: a.group_size,
+        damp: a.damp,
+        act_order: !a.no_act_order,
+        awq_rows: a.awq_rows,
+        outlier_threshold: a.outlier_threshold,
+    };
     o.check()?;
     if method.needs_calibration() != a.calib.is_some() {
         bail!(
@@ -141,10 +155,12 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         summary.weights as f64 / 1e6,
         summary.stored_bytes as f64 * 8.0 / summary.weights as f64,
         summary.mean_rel_error,
-        if summary.awq_alphas.is_empty() {
-            String::new()
-        } else {
+        if !summary.awq_alphas.is_empty() {
             format!(", AWQ α mean {:.2}", summary.awq_alphas.iter().sum::<f32>() / summary.awq_alphas.len() as f32)
+        } else if method == Method::LlmInt8 {
+            format!(", {} outlier channels over all matrices", summary.outlier_channels)
+        } else {
+            String::new()
         }
     );
     println!("wrote {} ({:.1} MB) in {:.1} s", a.out.display(), size as f64 / 1e6, t0.elapsed().as_secs_f64());

@@ -133,6 +133,7 @@ impl GpuModel {
 pub(crate) fn upload_stacked(gpu: &Gpu, ms: &[&Matrix]) -> Result<GpuMatrix> {
     let cols = ms[0].cols;
     ensure!(ms.iter().all(|m| m.cols == cols), "stacked matrices differ in columns");
+    ensure!(ms.iter().all(|m| m.outliers.is_none()), "LLM.int8() outlier columns run on the CPU only");
     let rows: usize = ms.iter().map(|m| m.rows).sum();
     let same = |d: DType| ms.iter().all(|m| m.dtype == d);
     let w = if same(DType::Q8_0) {

@@ -279,9 +279,48 @@ struct Slot {
     pos: usize,
 }
 
-/// y_j = x · W_jᵀ for every (W_j, y_j), all in one parallel region. Activations are quantized
-/// once per distinct activation format (e.g. Q5_0 and Q8_0 weights share Q8_0 activations).
+/// y_j = x · W_jᵀ for every (W_j, y_j). A matrix with outlier columns multiplies the
+/// activations without those channels through its stored encoding and adds their product in
+/// f32 (LLM.int8()'s decomposition).
 fn matmuls(
+    pool: &ThreadPool,
+    acts: &mut [QuantizedActs; 3],
+    x: &[f32],
+    n: usize,
+    jobs: &mut [(&Matrix, &mut Vec<f32>)],
+) -> Result<()> {
+    if jobs.iter().all(|(m, _)| m.outliers.is_none()) {
+        return matmuls_stored(pool, acts, x, n, jobs);
+    }
+    let k = jobs[0].0.cols;
+    for (m, y) in jobs.iter_mut() {
+        match &m.outliers {
+            None => matmuls_stored(pool, acts, x, n, &mut [(m, y)])?,
+            Some(o) => {
+                let mut rest = x.to_vec();
+                for row in rest.chunks_exact_mut(k) {
+                    o.cols.iter().for_each(|&c| row[c] = 0.0);
+                }
+                matmuls_stored(pool, acts, &rest, n, &mut [(m, y)])?;
+                o.add_product(x, n, k, y, m.rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// y = x · Wᵀ for one matrix (tests and tools): the decoder's own matrix product.
+pub fn project(pool: &ThreadPool, m: &Matrix, x: &[f32], n: usize) -> Result<Vec<f32>> {
+    let mut acts = [QuantizedActs::new(), QuantizedActs::new(), QuantizedActs::new()];
+    let mut y = vec![0f32; n * m.rows];
+    matmuls(pool, &mut acts, x, n, &mut [(m, &mut y)])?;
+    Ok(y)
+}
+
+/// y_j = x · W_jᵀ through the stored encodings, all in one parallel region. Activations are
+/// quantized once per distinct activation format (e.g. Q5_0 and Q8_0 weights share Q8_0
+/// activations).
+fn matmuls_stored(
     pool: &ThreadPool,
     acts: &mut [QuantizedActs; 3],
     x: &[f32],

@@ -2,7 +2,7 @@
 
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::model::config::ModelConfig;
-use crate::model::weights::{Bytes, Matrix, ModelWeights, TensorNames};
+use crate::model::weights::{Bytes, Matrix, ModelWeights, Outliers, TensorNames};
 use anyhow::{bail, Context, Result};
 
 const GGUF_NAMES: TensorNames = TensorNames {
@@ -34,7 +34,27 @@ pub fn load(f: &GgufFile) -> Result<ModelWeights> {
             bail!("tensor {name:?} should be 2-D, has dims {:?}", t.dims);
         }
         let bytes = Bytes::Mapped { map: f.map().clone(), offset: t.offset, len: t.n_bytes };
-        Matrix::new(t.dtype, t.dims[1] as usize, t.dims[0] as usize, bytes).with_context(|| format!("tensor {name:?}"))
+        let m = Matrix::new(t.dtype, t.dims[1] as usize, t.dims[0] as usize, bytes)
+            .with_context(|| format!("tensor {name:?}"))?;
+        // LLM.int8() outlier columns written by `tern quantize --method llm-int8`.
+        let stem = name.strip_suffix(".weight").unwrap_or(name);
+        match (f.tensor(&format!("{stem}.outlier_cols")), f.tensor(&format!("{stem}.outlier_weight"))) {
+            (None, None) => Ok(m),
+            (Some(c), Some(w)) => {
+                let read = |t: &TensorInfo| -> Result<Vec<f32>> {
+                    if t.dtype != crate::kernels::DType::F32 {
+                        bail!("tensor {:?} should be f32", t.name);
+                    }
+                    Ok(f.map()[t.offset..t.offset + t.n_bytes]
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect())
+                };
+                let cols = read(c)?.iter().map(|&v| v as usize).collect();
+                m.with_outliers(Outliers { cols, w: read(w)? }).with_context(|| format!("tensor {name:?}"))
+            }
+            _ => bail!("tensor {name:?}: outlier columns and weights must come together"),
+        }
     };
     let vector = |name: &str| -> Result<Vec<f32>> {
         let t = tensor(name)?;

@@ -32,6 +32,29 @@ pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     pub bytes: Bytes,
+    /// LLM.int8()-style outlier input channels, multiplied apart in f32 (zero in `bytes`).
+    pub outliers: Option<Arc<Outliers>>,
+}
+
+/// Input channels whose activations are too large for int8: their weight columns are kept in
+/// f32 (`w`, rows × cols.len(), row-major) and the stored matrix holds zeros there.
+#[derive(Clone, Debug)]
+pub struct Outliers {
+    pub cols: Vec<usize>,
+    pub w: Vec<f32>,
+}
+
+impl Outliers {
+    /// y[i, r] += Σ_j x[i, cols[j]] · w[r, j] for n rows of x (width k) into y (width rows).
+    pub fn add_product(&self, x: &[f32], n: usize, k: usize, y: &mut [f32], rows: usize) {
+        let no = self.cols.len();
+        for i in 0..n {
+            let xo: Vec<f32> = self.cols.iter().map(|&c| x[i * k + c]).collect();
+            for (r, yr) in y[i * rows..(i + 1) * rows].iter_mut().enumerate() {
+                *yr += xo.iter().zip(&self.w[r * no..(r + 1) * no]).map(|(a, b)| a * b).sum::<f32>();
+            }
+        }
+    }
 }
 
 impl Matrix {
@@ -41,7 +64,7 @@ impl Matrix {
         if got != expected {
             bail!("{rows}×{cols} {} matrix needs {expected} bytes, got {got}", dtype.name());
         }
-        Ok(Matrix { dtype, rows, cols, bytes })
+        Ok(Matrix { dtype, rows, cols, bytes, outliers: None })
     }
 
     pub fn data(&self) -> &[u8] {
@@ -54,18 +77,39 @@ impl Matrix {
         crate::kernels::dequantize_row(self.dtype, &self.data()[row * rb..(row + 1) * rb], out)
     }
 
+    /// Attaches outlier columns (the stored matrix must hold zeros in them).
+    pub fn with_outliers(mut self, o: Outliers) -> Result<Self> {
+        if o.w.len() != self.rows * o.cols.len() {
+            bail!("outlier weights: {} values for {} rows × {} columns", o.w.len(), self.rows, o.cols.len());
+        }
+        let mut seen = vec![false; self.cols];
+        for &c in &o.cols {
+            if c >= self.cols || std::mem::replace(&mut seen[c], true) {
+                bail!("outlier column {c} is out of range or repeated (matrix of {} columns)", self.cols);
+            }
+        }
+        self.outliers = Some(Arc::new(o));
+        Ok(self)
+    }
+
     pub fn n_bytes(&self) -> usize {
-        self.data().len()
+        self.data().len() + self.outliers.as_ref().map_or(0, |o| 4 * (o.w.len() + o.cols.len()))
     }
 
     /// The same matrix as owned f32 (the full-precision baseline of a quantized model).
+    /// The matrix in f32, outlier columns included.
     pub fn to_f32(&self) -> Result<Matrix> {
-        if self.dtype == DType::F32 {
+        if self.dtype == DType::F32 && self.outliers.is_none() {
             return Ok(self.clone());
         }
         let mut values = vec![0f32; self.rows * self.cols];
         for (r, row) in values.chunks_exact_mut(self.cols).enumerate() {
             self.row_f32(r, row)?;
+            if let Some(o) = &self.outliers {
+                for (j, &c) in o.cols.iter().enumerate() {
+                    row[c] = o.w[r * o.cols.len() + j];
+                }
+            }
         }
         let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         Matrix::new(DType::F32, self.rows, self.cols, Bytes::Owned(Arc::new(bytes)))

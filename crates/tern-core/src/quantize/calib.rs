@@ -1,6 +1,7 @@
 //! Calibration statistics of a layer's matrix-product inputs, gathered by running the
 //! full-precision model over calibration text (every layer sees the unquantized model's
-//! activations): the Hessian Σ x·xᵀ for GPTQ, mean |x| per channel and a sample of rows for AWQ.
+//! activations): the Hessian Σ x·xᵀ for GPTQ, mean |x| per channel and a sample of rows for AWQ,
+//! the largest |x| per channel for LLM.int8().
 
 use crate::kernels::ThreadPool;
 use crate::model::decoder::{Decoder, LinearInput};
@@ -11,6 +12,8 @@ pub struct Wanted {
     pub hessian: bool,
     /// Rows kept per input for AWQ's search (0: none, and no mean |x|).
     pub sample_rows: usize,
+    /// Largest |x| per channel (LLM.int8()'s outlier features).
+    pub abs_max: bool,
 }
 
 /// Statistics of one input (one layer, one `LinearInput`).
@@ -21,6 +24,7 @@ pub struct InputStats {
     /// Lower triangle filled, f32 sums (cols × cols).
     pub hessian: Vec<f32>,
     pub abs_sum: Vec<f64>,
+    pub abs_max: Vec<f32>,
     pub sample: Vec<f32>,
 }
 
@@ -88,6 +92,14 @@ pub fn add_rows(s: &mut InputStats, rows: &[f32], n: usize, wanted: Wanted, pool
         }
         if wanted.sample_rows > 0 {
             s.abs_sum = vec![0.0; k];
+        }
+        if wanted.abs_max {
+            s.abs_max = vec![0.0; k];
+        }
+    }
+    if wanted.abs_max {
+        for row in rows.chunks_exact(k) {
+            s.abs_max.iter_mut().zip(row).for_each(|(m, &v)| *m = m.max(v.abs()));
         }
     }
     s.tokens += n;

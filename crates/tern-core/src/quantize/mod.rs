@@ -6,6 +6,9 @@
 //! Methods and their stored encodings:
 //! - `f32`, `f16`: the dequantized weights (the full-precision baseline and its f16 rounding);
 //! - `int8`: per-output-channel symmetric int8 (one scale per row), as Q8_0 blocks;
+//! - `llm-int8`: LLM.int8()'s mixed decomposition: input channels whose calibration
+//!   activations reach the outlier threshold keep their weight columns in f32 (extra tensors
+//!   `<name>.outlier_cols` / `.outlier_weight`), the rest is per-channel int8;
 //! - `int4-rtn`, `gptq`, `awq`: group-wise asymmetric int4 with integer zero points, as Q4_1
 //!   blocks (groups of `group` columns share their blocks' scale and min).
 
@@ -20,7 +23,7 @@ use crate::gguf::{GgufFile, MetaValue};
 use crate::gguf_write::OutTensor;
 use crate::kernels::{DType, ThreadPool};
 use crate::model::decoder::{Decoder, LinearInput};
-use crate::model::weights::{Matrix, ModelWeights};
+use crate::model::weights::{Matrix, ModelWeights, Outliers};
 use anyhow::{bail, Context, Result};
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -30,6 +33,7 @@ pub enum Method {
     F32,
     F16,
     Int8,
+    LlmInt8,
     Int4Rtn,
     Gptq,
     Awq,
@@ -41,6 +45,7 @@ impl Method {
             Method::F32 => "f32",
             Method::F16 => "f16",
             Method::Int8 => "int8",
+            Method::LlmInt8 => "llm-int8",
             Method::Int4Rtn => "int4-rtn",
             Method::Gptq => "gptq",
             Method::Awq => "awq",
@@ -51,20 +56,20 @@ impl Method {
         match self {
             Method::F32 => 32,
             Method::F16 => 16,
-            Method::Int8 => 8,
+            Method::Int8 | Method::LlmInt8 => 8,
             Method::Int4Rtn | Method::Gptq | Method::Awq => 4,
         }
     }
 
     pub fn needs_calibration(self) -> bool {
-        matches!(self, Method::Gptq | Method::Awq)
+        matches!(self, Method::Gptq | Method::Awq | Method::LlmInt8)
     }
 
     fn dtype(self) -> DType {
         match self {
             Method::F32 => DType::F32,
             Method::F16 => DType::F16,
-            Method::Int8 => DType::Q8_0,
+            Method::Int8 | Method::LlmInt8 => DType::Q8_0,
             Method::Int4Rtn | Method::Gptq | Method::Awq => DType::Q4_1,
         }
     }
@@ -90,12 +95,17 @@ pub struct Options {
     pub act_order: bool,
     /// Rows of calibration activations AWQ searches its scales on.
     pub awq_rows: usize,
+    /// LLM.int8(): activation magnitude from which an input channel is an outlier.
+    pub outlier_threshold: f32,
 }
 
 impl Options {
     pub fn check(&self) -> Result<()> {
         if self.method.bits() == 4 && (self.group == 0 || !self.group.is_multiple_of(32)) {
             bail!("--group-size must be a positive multiple of 32 (Q4_1 blocks), got {}", self.group);
+        }
+        if !(self.outlier_threshold > 0.0) {
+            bail!("--outlier-threshold must be positive, got {}", self.outlier_threshold);
         }
         if !(0.0..1.0).contains(&self.damp) {
             bail!("--damp must be in [0, 1), got {}", self.damp);
@@ -107,8 +117,15 @@ impl Options {
 /// The stored encoding of one layer matrix and how close it is to the f32 weights.
 pub struct Encoded {
     pub bytes: Vec<u8>,
+    /// LLM.int8()'s f32 outlier columns.
+    pub outliers: Option<Outliers>,
     /// ‖Ŵ − W‖² / ‖W‖².
     pub rel_error: f64,
+}
+
+/// The input channels whose largest calibration |x| reaches `threshold`.
+pub fn outlier_channels(abs_max: &[f32], threshold: f32) -> Vec<usize> {
+    abs_max.iter().enumerate().filter(|(_, &m)| m >= threshold).map(|(c, _)| c).collect()
 }
 
 /// What `quantize` did, for the report.
@@ -121,6 +138,8 @@ pub struct Summary {
     pub mean_rel_error: f64,
     /// AWQ's chosen α per (layer, input).
     pub awq_alphas: Vec<f32>,
+    /// LLM.int8()'s outlier channels per (layer, matrix).
+    pub outlier_channels: usize,
 }
 
 const LAYER_MATRICES: [(&str, LinearInput); 7] = [
@@ -148,8 +167,17 @@ fn rel_error(approx: &[f32], w: &[f32]) -> f64 {
     num / den.max(1e-30)
 }
 
-/// Encodes one matrix (rows × cols f32) with a method that needs no more than `hessian`.
-pub fn encode(w: &[f32], rows: usize, cols: usize, o: &Options, hessian: Option<&[f64]>) -> Result<Encoded> {
+/// Encodes one matrix (rows × cols f32) with a method that needs no more than `hessian` (GPTQ)
+/// or the outlier channels `outlier_cols` (LLM.int8()).
+pub fn encode(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    o: &Options,
+    hessian: Option<&[f64]>,
+    outlier_cols: &[usize],
+) -> Result<Encoded> {
+    let mut outliers = None;
     let (bytes, approx): (Vec<u8>, Vec<f32>) = match o.method {
         Method::F32 => (le_bytes(w), w.to_vec()),
         Method::F16 => {
@@ -160,6 +188,28 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, o: &Options, hessian: Option<
             let b = int8::per_channel_q8_0(w, cols);
             let mut approx = vec![0f32; rows * cols];
             crate::kernels::dequantize_row(DType::Q8_0, &b, &mut approx)?;
+            (b, approx)
+        }
+        Method::LlmInt8 => {
+            let mut rest = w.to_vec();
+            let mut kept = Vec::with_capacity(rows * outlier_cols.len());
+            for r in 0..rows {
+                for &c in outlier_cols {
+                    kept.push(w[r * cols + c]);
+                    rest[r * cols + c] = 0.0;
+                }
+            }
+            let b = int8::per_channel_q8_0(&rest, cols);
+            let mut approx = vec![0f32; rows * cols];
+            crate::kernels::dequantize_row(DType::Q8_0, &b, &mut approx)?;
+            for r in 0..rows {
+                for (j, &c) in outlier_cols.iter().enumerate() {
+                    approx[r * cols + c] = kept[r * outlier_cols.len() + j];
+                }
+            }
+            if !outlier_cols.is_empty() {
+                outliers = Some(Outliers { cols: outlier_cols.to_vec(), w: kept });
+            }
             (b, approx)
         }
         Method::Int4Rtn | Method::Awq => {
@@ -173,7 +223,7 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, o: &Options, hessian: Option<
             (q.to_q4_1(), q.dequantize())
         }
     };
-    Ok(Encoded { rel_error: rel_error(&approx, w), bytes })
+    Ok(Encoded { rel_error: rel_error(&approx, w), bytes, outliers })
 }
 
 /// The calibration a method needs.
@@ -181,6 +231,7 @@ pub fn wanted(o: &Options) -> calib::Wanted {
     calib::Wanted {
         hessian: o.method == Method::Gptq,
         sample_rows: if o.method == Method::Awq { o.awq_rows } else { 0 },
+        abs_max: o.method == Method::LlmInt8,
     }
 }
 
@@ -211,6 +262,8 @@ pub fn quantize<'a>(
         bail!("{} needs calibration text (--calib)", o.method.name());
     }
     let mut replaced: HashMap<String, (DType, Vec<u8>)> = HashMap::new();
+    // Extra tensors written after the one they belong to.
+    let mut extra: HashMap<String, Vec<OutTensor<'a>>> = HashMap::new();
     let mut summary = Summary::default();
     let total = weights.layers.len() * LAYER_MATRICES.len();
     let mut err_sum = 0f64;
@@ -258,7 +311,32 @@ pub fn quantize<'a>(
                 (Method::Gptq, Some(c)) => Some(c.get(li, *which).hessian_f64()),
                 _ => None,
             };
-            let e = encode(&mats[i], rows, cols, o, h.as_deref()).with_context(|| format!("blk.{li}.{name}"))?;
+            let outlier_cols = match (o.method, cal) {
+                (Method::LlmInt8, Some(c)) => outlier_channels(&c.get(li, *which).abs_max, o.outlier_threshold),
+                _ => Vec::new(),
+            };
+            let mut e = encode(&mats[i], rows, cols, o, h.as_deref(), &outlier_cols)
+                .with_context(|| format!("blk.{li}.{name}"))?;
+            if let Some(out) = e.outliers.take() {
+                summary.outlier_channels += out.cols.len();
+                summary.stored_bytes += 4 * (out.w.len() + out.cols.len());
+                let stem = format!("blk.{li}.{}", name.trim_end_matches(".weight"));
+                let f32_tensor = |n: String, dims: Vec<u64>, v: &[f32]| OutTensor {
+                    name: n,
+                    dims,
+                    dtype: DType::F32,
+                    data: Cow::Owned(le_bytes(v)),
+                };
+                let idx: Vec<f32> = out.cols.iter().map(|&c| c as f32).collect();
+                let no = out.cols.len() as u64;
+                extra.insert(
+                    format!("blk.{li}.{name}"),
+                    vec![
+                        f32_tensor(format!("{stem}.outlier_cols"), vec![no], &idx),
+                        f32_tensor(format!("{stem}.outlier_weight"), vec![no, rows as u64], &out.w),
+                    ],
+                );
+            }
             summary.matrices += 1;
             summary.weights += rows * cols;
             summary.stored_bytes += e.bytes.len();
@@ -276,6 +354,7 @@ pub fn quantize<'a>(
             None => (t.dtype, Cow::Borrowed(&map[t.offset..t.offset + t.n_bytes])),
         };
         out.push(OutTensor { name: t.name.clone(), dims: t.dims.clone(), dtype, data });
+        out.extend(extra.remove(&t.name).unwrap_or_default());
     }
     if let Some(name) = replaced.keys().next() {
         bail!("the model has no tensor {name:?} to replace (not a GGUF llama/qwen2/mistral layout?)");

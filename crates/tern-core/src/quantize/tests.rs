@@ -95,8 +95,9 @@ fn int8_per_channel_uses_one_scale_per_row() {
     for r in 0..rows {
         assert_eq!(b[r * 68..r * 68 + 2], b[r * 68 + 34..r * 68 + 36], "row {r}: both blocks carry the row scale");
     }
-    let o = Options { method: Method::Int8, group: 128, damp: 0.01, act_order: false, awq_rows: 0 };
-    let e = encode(&w, rows, cols, &o, None).unwrap();
+    let o =
+        Options { method: Method::Int8, group: 128, damp: 0.01, act_order: false, awq_rows: 0, outlier_threshold: 6.0 };
+    let e = encode(&w, rows, cols, &o, None, &[]).unwrap();
     assert!(e.rel_error < 1e-4, "int8 error {}", e.rel_error);
 }
 
@@ -142,7 +143,7 @@ fn calibration_hessian_matches_the_sum() {
     let x = randn(&mut rng, n * k, 1.0);
     let pool = ThreadPool::new(2);
     let mut s = calib::InputStats::default();
-    let wanted = calib::Wanted { hessian: true, sample_rows: 10 };
+    let wanted = calib::Wanted { hessian: true, sample_rows: 10, abs_max: true };
     calib::add_rows(&mut s, &x[..20 * k], 20, wanted, &pool);
     calib::add_rows(&mut s, &x[20 * k..], n - 20, wanted, &pool);
     let want = hessian(&x, n, k);
@@ -152,12 +153,59 @@ fn calibration_hessian_matches_the_sum() {
     assert_eq!(s.sample, x[..10 * k].to_vec(), "the first rows are kept");
     let m = s.mean_abs();
     assert!((m[3] - (0..n).map(|t| x[t * k + 3].abs()).sum::<f32>() / n as f32).abs() < 1e-5);
+    assert_eq!(s.abs_max[7], (0..n).map(|t| x[t * k + 7].abs()).fold(0f32, f32::max));
 }
 
 #[test]
 fn bad_options_are_refused() {
-    let o = Options { method: Method::Int4Rtn, group: 100, damp: 0.01, act_order: false, awq_rows: 0 };
+    let o = Options {
+        method: Method::Int4Rtn,
+        group: 100,
+        damp: 0.01,
+        act_order: false,
+        awq_rows: 0,
+        outlier_threshold: 6.0,
+    };
     assert!(o.check().is_err());
-    let o = Options { method: Method::Gptq, group: 128, damp: 1.5, act_order: true, awq_rows: 0 };
+    let o =
+        Options { method: Method::Gptq, group: 128, damp: 1.5, act_order: true, awq_rows: 0, outlier_threshold: 6.0 };
     assert!(o.check().is_err());
+}
+
+#[test]
+fn llm_int8_beats_naive_int8_on_planted_outliers() {
+    use crate::model::weights::{Bytes, Matrix};
+    use std::sync::Arc;
+    let mut rng = Rng::new(6);
+    let (rows, k, n) = (64, 256, 48);
+    let w = randn(&mut rng, rows * k, 0.05);
+    // Activations of magnitude ~1 with four planted outlier features of magnitude ~60.
+    let planted = [3usize, 70, 130, 201];
+    let mut x = randn(&mut rng, n * k, 1.0);
+    for t in 0..n {
+        for &c in &planted {
+            x[t * k + c] = 60.0 + 10.0 * rng.normal();
+        }
+    }
+    let abs_max: Vec<f32> = (0..k).map(|c| (0..n).map(|t| x[t * k + c].abs()).fold(0f32, f32::max)).collect();
+    let found = outlier_channels(&abs_max, 6.0);
+    assert_eq!(found, planted.to_vec(), "the planted features are the outliers");
+    let exact: Vec<f64> =
+        (0..n * rows).map(|e| (0..k).map(|c| x[e / rows * k + c] as f64 * w[e % rows * k + c] as f64).sum()).collect();
+    let pool = ThreadPool::new(2);
+    let run = |method: Method, cols: &[usize]| -> f64 {
+        let o = Options { method, group: 128, damp: 0.01, act_order: false, awq_rows: 0, outlier_threshold: 6.0 };
+        let e = encode(&w, rows, k, &o, None, cols).unwrap();
+        let mut m = Matrix::new(DType::Q8_0, rows, k, Bytes::Owned(Arc::new(e.bytes))).unwrap();
+        if let Some(out) = e.outliers {
+            m = m.with_outliers(out).unwrap();
+        }
+        // The decoder's own product: int8 activations per 32 values for the stored part.
+        let y = crate::model::decoder::project(&pool, &m, &x, n).unwrap();
+        y.iter().zip(&exact).map(|(a, b)| (*a as f64 - b).powi(2)).sum::<f64>()
+    };
+    let naive = run(Method::Int8, &[]);
+    let mixed = run(Method::LlmInt8, &found);
+    eprintln!("output error: naive int8 {naive:.4e}, LLM.int8 {mixed:.4e}");
+    assert!(mixed < 0.25 * naive, "LLM.int8 {mixed:e} vs naive int8 {naive:e}");
 }
