@@ -104,7 +104,7 @@ impl Options {
         if self.method.bits() == 4 && (self.group == 0 || !self.group.is_multiple_of(32)) {
             bail!("--group-size must be a positive multiple of 32 (Q4_1 blocks), got {}", self.group);
         }
-        if !(self.outlier_threshold > 0.0) {
+        if self.outlier_threshold.is_nan() || self.outlier_threshold <= 0.0 {
             bail!("--outlier-threshold must be positive, got {}", self.outlier_threshold);
         }
         if !(0.0..1.0).contains(&self.damp) {
