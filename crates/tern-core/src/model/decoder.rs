@@ -293,17 +293,32 @@ fn matmuls(
         return matmuls_stored(pool, acts, x, n, jobs);
     }
     let k = jobs[0].0.cols;
-    for (m, y) in jobs.iter_mut() {
-        match &m.outliers {
-            None => matmuls_stored(pool, acts, x, n, &mut [(m, y)])?,
-            Some(o) => {
-                let mut rest = x.to_vec();
-                for row in rest.chunks_exact_mut(k) {
-                    o.cols.iter().for_each(|&c| row[c] = 0.0);
-                }
-                matmuls_stored(pool, acts, &rest, n, &mut [(m, y)])?;
-                o.add_product(x, n, k, y, m.rows);
+    // Matrices with the same outlier channels (q, k and v share their input's) share one
+    // masked copy of the activations and one activation quantization.
+    let mut done = vec![false; jobs.len()];
+    for first in 0..jobs.len() {
+        if done[first] {
+            continue;
+        }
+        let cols = jobs[first].0.outliers.as_ref().map(|o| o.cols.clone());
+        let mut group: Vec<(&Matrix, &mut Vec<f32>)> = Vec::new();
+        for (j, (m, y)) in jobs.iter_mut().enumerate().skip(first) {
+            if !done[j] && m.outliers.as_ref().map(|o| &o.cols) == cols.as_ref() {
+                done[j] = true;
+                group.push((*m, &mut **y));
             }
+        }
+        let Some(cols) = cols else {
+            matmuls_stored(pool, acts, x, n, &mut group)?;
+            continue;
+        };
+        let mut rest = x.to_vec();
+        for row in rest.chunks_exact_mut(k) {
+            cols.iter().for_each(|&c| row[c] = 0.0);
+        }
+        matmuls_stored(pool, acts, &rest, n, &mut group)?;
+        for (m, y) in group {
+            m.outliers.as_ref().expect("grouped by outliers").add_product(x, n, k, y, m.rows);
         }
     }
     Ok(())

@@ -46,6 +46,10 @@ impl InputStats {
 
 pub const INPUTS: [LinearInput; 4] = [LinearInput::Attention, LinearInput::Output, LinearInput::Ffn, LinearInput::Down];
 
+fn index(which: LinearInput) -> usize {
+    INPUTS.iter().position(|&i| i == which).expect("every input is listed")
+}
+
 /// Per layer, per `INPUTS` entry.
 pub struct Calibration {
     pub layers: Vec<[InputStats; 4]>,
@@ -53,7 +57,7 @@ pub struct Calibration {
 
 impl Calibration {
     pub fn get(&self, layer: usize, which: LinearInput) -> &InputStats {
-        &self.layers[layer][INPUTS.iter().position(|&i| i == which).expect("every input is listed")]
+        &self.layers[layer][index(which)]
     }
 }
 
@@ -74,7 +78,7 @@ pub fn gather(
         let chunk = crate::model::decoder::SeqChunk { seq: 0, tokens: w, pos0: 0, logits: None };
         let n = w.len();
         let mut observe = |li: usize, which: LinearInput, rows: &[f32]| {
-            let s = &mut cal.layers[li][INPUTS.iter().position(|&i| i == which).expect("listed")];
+            let s = &mut cal.layers[li][index(which)];
             add_rows(s, rows, n, wanted, pool);
         };
         decoder.forward_batch_observed(&[chunk], &mut cache, &mut logits, Some(&mut observe))?;

@@ -268,12 +268,10 @@ pub fn quantize<'a>(
     let total = weights.layers.len() * LAYER_MATRICES.len();
     let mut err_sum = 0f64;
     for (li, l) in weights.layers.iter().enumerate() {
-        let mut mats: Vec<Vec<f32>> = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-            .iter()
-            .map(|m| f32s(m))
-            .collect::<Result<_>>()?;
-        let dims: Vec<(usize, usize)> =
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down].iter().map(|m| (m.rows, m.cols)).collect();
+        // In LAYER_MATRICES order.
+        let layer_mats = [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down];
+        let mut mats: Vec<Vec<f32>> = layer_mats.iter().map(|m| f32s(m)).collect::<Result<_>>()?;
+        let dims: Vec<(usize, usize)> = layer_mats.iter().map(|m| (m.rows, m.cols)).collect();
         let mut attn_norm = l.attn_norm.clone();
         let mut ffn_norm = l.ffn_norm.clone();
         if o.method == Method::Awq {
