@@ -483,13 +483,16 @@ extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, const float* _
 
 // ------------------------------------------------------------------------------------------
 // Attention over the paged cache, split-K ("flash decoding"): one block per (query token,
-// KV head, split of the keys); the G query heads sharing that KV head read each key once.
-// Each of the 4 warps walks tiles of 32 keys with an online softmax: lane j scores key j of
-// the tile for all G heads (the whole key row in flight at once), then the warp accumulates
-// P·V with each V row read as one coalesced piece (all 32 rows of the tile in flight). The
-// warps' partial results are merged in shared memory; with several splits the block writes
-// unnormalized partials (and max, sum) that attn_combine merges.
+// group of `heads` query heads of one KV head, split of the keys). Each of the 4 warps walks
+// tiles of 32 keys with an online softmax: lane j scores key j of the tile for the group's
+// heads (the whole key row in flight at once), then the warp accumulates P·V with each V row
+// read as one coalesced piece (all 32 rows of the tile in flight). The warps' partial results
+// are merged in shared memory; with several splits the block writes unnormalized partials (and
+// max, sum) that attn_combine merges.
 //
+// A warp's work per tile grows with its group, so few sequences take one head per block (more
+// blocks, short dependency chains; the heads of a KV head share its rows through L1/L2) and
+// many take all G heads of the KV head (each row read once for all of them).
 // Keys per split: at least `split`, and enough that `n_splits` splits cover the sequence, so
 // a captured graph stays valid as its sequences grow.
 
@@ -508,6 +511,7 @@ struct AttnArgs {
   const int* tok_pos;   // -1: padding
   const int* tok_list;  // the tokens of block rows 0.. (null: token i is block row i)
   int n_heads, n_kv, hd, block_size;
+  int heads;   // query heads per block: 1 or n_heads / n_kv
   int window;  // 0: none
   float scale;
   int split;  // fewest keys per split
@@ -522,12 +526,14 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
   // V: each lane holds DPL dims of one key row; LPK lanes cover a row, KPW rows at a time.
   constexpr int DPL = HD >= 256 ? HD / 32 : 4, LPK = HD / DPL, KPW = WARP / LPK;
   constexpr int KCH = HD < 128 ? HD : 128;  // key dims loaded at once in the score phase
+  constexpr int NP = GMAX == 1 ? 4 : 1;     // partial sums per score (one head: break the chain)
   typedef typename std::conditional<DPL == 8, uint4, uint2>::type VT;
   PDL_ENTRY();
   extern __shared__ float smem[];
-  int bi = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
+  int bi = blockIdx.x, s = blockIdx.z;
+  int H = a.heads, q0 = blockIdx.y * H, g = q0 / (a.n_heads / a.n_kv);
   int i = a.tok_list ? a.tok_list[bi] : bi;
-  int G = a.n_heads / a.n_kv, tid = threadIdx.x, lane = tid % WARP, w = tid / WARP;
+  int tid = threadIdx.x, lane = tid % WARP, w = tid / WARP;
   int pos = a.tok_pos[i];
   int lo = 0, hi = 0;
   if (pos >= 0) {
@@ -538,31 +544,33 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
     lo = start + s * per;
     hi = min(pos + 1, lo + per);
   }
-  size_t out_off = (size_t)i * a.n_heads * HD + g * G * HD;
-  size_t part = ((size_t)bi * a.n_splits + s) * a.n_heads + g * G;
+  size_t out_off = (size_t)i * a.n_heads * HD + (size_t)q0 * HD;
+  size_t part = ((size_t)bi * a.n_splits + s) * a.n_heads + q0;
   if (hi <= lo) {
     // Nothing to attend to: padding, or a split past the end.
-    for (int e = tid; e < G * HD; e += ATT_THREADS) {
+    for (int e = tid; e < H * HD; e += ATT_THREADS) {
       if (a.n_splits == 1)
         a.out[out_off + e] = 0.f;
       else
         a.part_o[part * HD + e] = 0.f;
     }
-    if (a.n_splits > 1 && tid < G) {
+    if (a.n_splits > 1 && tid < H) {
       a.part_ml[(part + tid) * 2] = -INFINITY;
       a.part_ml[(part + tid) * 2 + 1] = 0.f;
     }
     return;
   }
-  float* qs = smem;                          // [G][HD] scaled queries
-  float* ps = qs + G * HD;                   // [ATT_WARPS][G][32] probabilities of a tile
-  float* ow = ps + ATT_WARPS * G * WARP;     // [ATT_WARPS][G][HD] warp outputs
-  float* mlw = ow + ATT_WARPS * G * HD;      // [ATT_WARPS][G][2] warp max and sum
-  const float* qrow = a.q + (size_t)i * a.q_ld + g * G * HD;
-  for (int e = tid; e < G * HD; e += ATT_THREADS) qs[e] = qrow[e] * a.scale;
+  float* qs = smem;                          // [H][HD] scaled queries
+  float* ps = qs + H * HD;                   // [ATT_WARPS][H][32] probabilities of a tile
+  float* ow = ps + ATT_WARPS * H * WARP;     // [ATT_WARPS][H][HD] warp outputs
+  float* mlw = ow + ATT_WARPS * H * HD;      // [ATT_WARPS][H][2] warp max and sum
+  const float* qrow = a.q + (size_t)i * a.q_ld + (size_t)q0 * HD;
+  for (int e = tid; e < H * HD; e += ATT_THREADS) qs[e] = qrow[e] * a.scale;
   __syncthreads();
   const int* table = a.tables + (size_t)a.tok_seq[i] * a.max_blocks;
-  size_t k_off = (size_t)g * a.block_size * HD, v_off = k_off + (size_t)a.block_size * a.n_kv * HD;
+  size_t k_off = (size_t)g * a.block_size * HD;
+  // A key's V row is this far after its K row (same block and slot).
+  size_t v_delta = (size_t)a.block_size * a.n_kv * HD;
   float m[GMAX], l[GMAX], o[GMAX][DPL];
 #pragma unroll
   for (int h = 0; h < GMAX; h++) {
@@ -571,16 +579,19 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
 #pragma unroll
     for (int d = 0; d < DPL; d++) o[h][d] = 0.f;
   }
-  float* pw = ps + w * G * WARP;
+  float* pw = ps + w * H * WARP;
   for (int t0 = lo + w * WARP; t0 < hi; t0 += ATT_WARPS * WARP) {
     // Scores of key t0 + lane.
     int p = t0 + lane;
     bool valid = p < hi;
-    float sc[GMAX];
+    const bf16* k = a.kv_layer + k_off;
+    if (valid) k += (size_t)table[p / a.block_size] * a.block_stride + (size_t)(p % a.block_size) * HD;
+    float sc[GMAX][NP];
 #pragma unroll
-    for (int h = 0; h < GMAX; h++) sc[h] = 0.f;
+    for (int h = 0; h < GMAX; h++)
+#pragma unroll
+      for (int c = 0; c < NP; c++) sc[h][c] = 0.f;
     if (valid) {
-      const bf16* k = a.kv_layer + (size_t)table[p / a.block_size] * a.block_stride + k_off + (size_t)(p % a.block_size) * HD;
 #pragma unroll
       for (int d0 = 0; d0 < HD; d0 += KCH) {
         uint4 kq[KCH / 8];
@@ -592,17 +603,18 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
           bf16x8_to_f32(kq[u], kf);
 #pragma unroll
           for (int h = 0; h < GMAX; h++) {
-            if (h < G) {
+            if (h < H) {
               const float4* qh = reinterpret_cast<const float4*>(qs + h * HD + d0 + 8 * u);
-              float4 q0 = qh[0], q1 = qh[1];
-              sc[h] = fmaf(q0.x, kf[0], sc[h]);
-              sc[h] = fmaf(q0.y, kf[1], sc[h]);
-              sc[h] = fmaf(q0.z, kf[2], sc[h]);
-              sc[h] = fmaf(q0.w, kf[3], sc[h]);
-              sc[h] = fmaf(q1.x, kf[4], sc[h]);
-              sc[h] = fmaf(q1.y, kf[5], sc[h]);
-              sc[h] = fmaf(q1.z, kf[6], sc[h]);
-              sc[h] = fmaf(q1.w, kf[7], sc[h]);
+              float4 qa = qh[0], qb = qh[1];
+              float& acc = sc[h][u % NP];
+              acc = fmaf(qa.x, kf[0], acc);
+              acc = fmaf(qa.y, kf[1], acc);
+              acc = fmaf(qa.z, kf[2], acc);
+              acc = fmaf(qa.w, kf[3], acc);
+              acc = fmaf(qb.x, kf[4], acc);
+              acc = fmaf(qb.y, kf[5], acc);
+              acc = fmaf(qb.z, kf[6], acc);
+              acc = fmaf(qb.w, kf[7], acc);
             }
           }
         }
@@ -611,11 +623,14 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
     // Online softmax: the tile's max per head rescales what came before.
 #pragma unroll
     for (int h = 0; h < GMAX; h++) {
-      if (h < G) {
-        float mt = warp_max(valid ? sc[h] : -INFINITY);
+      if (h < H) {
+        float sv = sc[h][0];
+#pragma unroll
+        for (int c = 1; c < NP; c++) sv += sc[h][c];
+        float mt = warp_max(valid ? sv : -INFINITY);
         float mn = fmaxf(m[h], mt);
         float corr = __expf(m[h] - mn);
-        float pr = valid ? __expf(sc[h] - mn) : 0.f;
+        float pr = valid ? __expf(sv - mn) : 0.f;
         m[h] = mn;
         l[h] = l[h] * corr + pr;  // per lane; summed over the warp at the end
 #pragma unroll
@@ -624,16 +639,15 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
       }
     }
     __syncwarp();
-    // P·V: lane takes dims (lane % LPK)·DPL.. of rows lane / LPK, + KPW, ...
+    // P·V: lane takes dims (lane % LPK)·DPL.. of rows lane / LPK, + KPW, ...; a row's address
+    // comes from the lane that scored its key.
     int dl = (lane % LPK) * DPL, kr = lane / LPK;
     VT vq[WARP / KPW];
 #pragma unroll
     for (int u = 0; u < WARP / KPW; u++) {
-      int pv = t0 + u * KPW + kr;
-      if (pv < hi) {
-        const bf16* v = a.kv_layer + (size_t)table[pv / a.block_size] * a.block_stride + v_off + (size_t)(pv % a.block_size) * HD;
-        vq[u] = *reinterpret_cast<const VT*>(v + dl);
-      }
+      int kt = u * KPW + kr;
+      const bf16* v = reinterpret_cast<const bf16*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(k), kt));
+      if (t0 + kt < hi) vq[u] = *reinterpret_cast<const VT*>(v + v_delta + dl);
     }
 #pragma unroll
     for (int u = 0; u < WARP / KPW; u++) {
@@ -649,7 +663,7 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
       }
 #pragma unroll
       for (int h = 0; h < GMAX; h++) {
-        if (h < G) {
+        if (h < H) {
           float pr = pw[h * WARP + kt];
 #pragma unroll
           for (int d = 0; d < DPL; d++) o[h][d] = fmaf(pr, vf[d], o[h][d]);
@@ -661,7 +675,7 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
   // The warp's sums over its lanes (rows of different keys hold the same dims), to shared memory.
 #pragma unroll
   for (int h = 0; h < GMAX; h++) {
-    if (h < G) {
+    if (h < H) {
       float lw = warp_sum(l[h]);
 #pragma unroll
       for (int d = 0; d < DPL; d++)
@@ -669,26 +683,26 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
         for (int off = LPK; off < WARP; off *= 2) o[h][d] += __shfl_xor_sync(0xffffffffu, o[h][d], off);
       if (lane < LPK)
 #pragma unroll
-        for (int d = 0; d < DPL; d++) ow[(w * G + h) * HD + lane * DPL + d] = o[h][d];
+        for (int d = 0; d < DPL; d++) ow[(w * H + h) * HD + lane * DPL + d] = o[h][d];
       if (lane == 0) {
-        mlw[(w * G + h) * 2] = m[h];
-        mlw[(w * G + h) * 2 + 1] = lw;
+        mlw[(w * H + h) * 2] = m[h];
+        mlw[(w * H + h) * 2 + 1] = lw;
       }
     }
   }
   __syncthreads();
   // Merge the warps.
-  for (int e = tid; e < G * HD; e += ATT_THREADS) {
+  for (int e = tid; e < H * HD; e += ATT_THREADS) {
     int h = e / HD;
     float mx = -INFINITY;
 #pragma unroll
-    for (int q = 0; q < ATT_WARPS; q++) mx = fmaxf(mx, mlw[(q * G + h) * 2]);
+    for (int q = 0; q < ATT_WARPS; q++) mx = fmaxf(mx, mlw[(q * H + h) * 2]);
     float ov = 0.f, lv = 0.f;
 #pragma unroll
     for (int q = 0; q < ATT_WARPS; q++) {
-      float f = mlw[(q * G + h) * 2 + 1] > 0.f ? __expf(mlw[(q * G + h) * 2] - mx) : 0.f;
-      ov += f * ow[(q * G + h) * HD + e % HD];
-      lv += f * mlw[(q * G + h) * 2 + 1];
+      float f = mlw[(q * H + h) * 2 + 1] > 0.f ? __expf(mlw[(q * H + h) * 2] - mx) : 0.f;
+      ov += f * ow[(q * H + h) * HD + e % HD];
+      lv += f * mlw[(q * H + h) * 2 + 1];
     }
     if (a.n_splits == 1) {
       a.out[out_off + e] = ov / lv;
@@ -704,16 +718,12 @@ __device__ void attn_decode_impl(const AttnArgs& a) {
 
 #define ATTN_DECODE(HD, GMAX) \
   extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_decode_##HD##_##GMAX(AttnArgs a) { attn_decode_impl<HD, GMAX>(a); }
-ATTN_DECODE(16, 8)
-ATTN_DECODE(16, 16)
-ATTN_DECODE(32, 8)
-ATTN_DECODE(32, 16)
-ATTN_DECODE(64, 8)
-ATTN_DECODE(64, 16)
-ATTN_DECODE(128, 8)
-ATTN_DECODE(128, 16)
-ATTN_DECODE(256, 8)
-ATTN_DECODE(256, 16)
+#define ATTN_DECODE_HD(HD) ATTN_DECODE(HD, 1) ATTN_DECODE(HD, 8) ATTN_DECODE(HD, 16)
+ATTN_DECODE_HD(16)
+ATTN_DECODE_HD(32)
+ATTN_DECODE_HD(64)
+ATTN_DECODE_HD(128)
+ATTN_DECODE_HD(256)
 
 // Merges the splits of attn_decode: grid (block row, query head), hd threads. Empty splits
 // carry (max -inf, sum 0) and zero outputs.

@@ -12,9 +12,9 @@ pub const GEMV_MAX_ROWS: usize = 8;
 const ATT_THREADS: u32 = 128;
 const ATT_WARPS: usize = 4;
 pub const MAX_GROUP: usize = 16;
-/// Head sizes the decode attention kernel is built for, and its two group-size limits.
+/// Head sizes the decode attention kernel is built for, and its limits on query heads per block.
 const ATT_HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
-const ATT_GROUPS: [usize; 2] = [8, 16];
+const ATT_GROUPS: [usize; 3] = [1, 8, 16];
 /// Fewest keys per split of the decode attention: one 32-key tile per warp.
 pub const ATT_MIN_SPLIT: usize = 32 * ATT_WARPS;
 
@@ -34,7 +34,7 @@ pub struct Kernels {
     dequant_q4_k_bf16: CUfunction,
     rope_kv_write: CUfunction,
     /// [head dim index in ATT_HEAD_DIMS][group limit index in ATT_GROUPS]
-    attn_decode: [[CUfunction; 2]; 5],
+    attn_decode: [[CUfunction; 3]; 5],
     attn_combine: CUfunction,
     attn_prefill_64: CUfunction,
     attn_prefill_128: CUfunction,
@@ -69,7 +69,7 @@ impl Kernels {
             dequant_q4_k_bf16: f("dequant_q4_k_bf16")?,
             rope_kv_write: f("rope_kv_write")?,
             attn_decode: {
-                let mut t = [[std::ptr::null_mut(); 2]; 5];
+                let mut t = [[std::ptr::null_mut(); 3]; 5];
                 for (a, hd) in ATT_HEAD_DIMS.iter().enumerate() {
                     for (b, gm) in ATT_GROUPS.iter().enumerate() {
                         t[a][b] = f(&format!("attn_decode_{hd}_{gm}"))?;
@@ -430,6 +430,7 @@ struct AttnArgs {
     n_kv: i32,
     hd: i32,
     block_size: i32,
+    heads: i32,
     window: i32,
     scale: f32,
     split: i32,
@@ -439,30 +440,33 @@ struct AttnArgs {
     n_splits: i32,
 }
 
-/// How attention divides the keys: `n_splits` blocks per (token, KV head), each taking at least
-/// `split` keys (more when a sequence is longer than `split · n_splits`).
+/// How the decode attention divides its work: `heads` query heads per block (1, or all that
+/// share a KV head), `n_splits` blocks per (token, head group), each taking at least `split`
+/// keys (more when a sequence is longer than `split · n_splits`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AttnSplit {
     pub split: usize,
     pub n_splits: usize,
+    pub heads: usize,
 }
 
 /// Dynamic shared memory of the decode attention kernel: queries, a tile's probabilities,
 /// and each warp's output, max and sum.
-fn attn_smem(l: &KvLayout) -> usize {
-    let g = l.n_heads / l.n_kv;
-    4 * (g * l.head_dim + ATT_WARPS * g * (32 + l.head_dim + 2))
+fn attn_smem(l: &KvLayout, heads: usize) -> usize {
+    4 * (heads * l.head_dim + ATT_WARPS * heads * (32 + l.head_dim + 2))
 }
 
-/// Picks the splits for `n` query tokens whose longest context is `max_len` keys: as many as
-/// keep the blocks near `target_blocks`, each at least `ATT_MIN_SPLIT` keys, with at most
-/// `max_pairs` (token, split) pairs of partial results.
+/// Plans the decode attention of `n` query tokens whose longest context is `max_len` keys:
+/// one head per block while there are few (token, KV head) pairs, else a KV head's whole group;
+/// then as many splits as keep the blocks near `target_blocks`, each at least `ATT_MIN_SPLIT`
+/// keys, with at most `max_pairs` (token, split) pairs of partial results.
 pub fn attn_split(l: &KvLayout, n: usize, max_len: usize, target_blocks: usize, max_pairs: usize) -> AttnSplit {
     let n = n.max(1);
-    let by_blocks = (target_blocks / (n * l.n_kv)).max(1);
+    let heads = if n * l.n_kv * 2 <= target_blocks { 1 } else { l.n_heads / l.n_kv };
+    let by_blocks = (target_blocks / (n * l.n_heads / heads)).max(1);
     let by_len = max_len.max(1).div_ceil(ATT_MIN_SPLIT);
     let n_splits = by_blocks.min(by_len).min((max_pairs / n).max(1));
-    AttnSplit { split: ATT_MIN_SPLIT, n_splits }
+    AttnSplit { split: ATT_MIN_SPLIT, n_splits, heads }
 }
 
 /// Attention of every token's query heads over its sequence's cached keys `0..=pos` (the
@@ -492,11 +496,13 @@ pub fn attention(
     let Some(hi) = ATT_HEAD_DIMS.iter().position(|&d| d == l.head_dim) else {
         bail!("attention on the GPU: head dim {} (supported: {ATT_HEAD_DIMS:?})", l.head_dim)
     };
-    let gi = ATT_GROUPS.iter().position(|&m| g <= m).expect("g <= MAX_GROUP");
+    ensure!(s.heads == 1 || s.heads == g, "attention: {} heads per block with {g} per KV head", s.heads);
+    let gi = ATT_GROUPS.iter().position(|&m| s.heads <= m).expect("heads <= MAX_GROUP");
     ensure!(s.split > 0 && s.n_splits > 0, "attention: empty split {s:?}");
     ensure!(
-        attn_smem(l) <= MAX_DYNAMIC_SMEM,
-        "attention: {g} heads of {} per KV head need too much shared memory",
+        attn_smem(l, s.heads) <= MAX_DYNAMIC_SMEM,
+        "attention: {} heads of {} per block need too much shared memory",
+        s.heads,
         l.head_dim
     );
     let args = AttnArgs {
@@ -513,6 +519,7 @@ pub fn attention(
         n_kv: l.n_kv as i32,
         hd: l.head_dim as i32,
         block_size: l.block_size as i32,
+        heads: s.heads as i32,
         window: window as i32,
         scale: 1.0 / (l.head_dim as f32).sqrt(),
         split: s.split as i32,
@@ -522,8 +529,8 @@ pub fn attention(
         n_splits: s.n_splits as i32,
     };
     unsafe {
-        let grid = (n as u32, l.n_kv as u32, s.n_splits as u32);
-        launch!(gpu, k.attn_decode[hi][gi], grid, ATT_THREADS, attn_smem(l); args)?;
+        let grid = (n as u32, (l.n_heads / s.heads) as u32, s.n_splits as u32);
+        launch!(gpu, k.attn_decode[hi][gi], grid, ATT_THREADS, attn_smem(l, s.heads); args)?;
         if s.n_splits > 1 {
             launch!(gpu, k.attn_combine, (n as u32, l.n_heads as u32, 1), l.head_dim as u32, 0; args)?;
         }

@@ -303,7 +303,8 @@ fn attention_over_paged_kv_matches_reference() {
     let Some((g, k)) = gpu() else { return };
     let mut rng = Rng::new(5);
     // (query heads, KV heads, head dim, sliding window, forced (keys per split, splits)):
-    // 16 splits of at least 32 keys leave some splits empty for the shorter sequence.
+    // 16 splits of at least 32 keys leave some splits empty for the shorter sequence. Forced
+    // splits run with one query head per block and with a KV head's whole group.
     for &(nh, nkv, hd, window, split) in &[
         (4, 2, 16, 0, None),
         (9, 3, 64, 0, Some((64, 5))),
@@ -421,7 +422,9 @@ fn attention_over_paged_kv_matches_reference() {
             want
         };
         let plans = match split {
-            Some((split, n_splits)) => vec![AttnSplit { split, n_splits }],
+            Some((split, n_splits)) => {
+                vec![AttnSplit { split, n_splits, heads: 1 }, AttnSplit { split, n_splits, heads: nh / nkv }]
+            }
             None => vec![ops::attn_split(&layout, n, 300, 264, 1024)],
         };
         for s in plans {
