@@ -3,7 +3,7 @@
 # data/botchan-calib.txt), perplexity on the first WINDOWS windows of data/botchan-eval.txt,
 # file size, stored bits per weight of the layer matrices, and CPU decode speed (2 threads).
 # The baseline row is the source GGUF's weights dequantized to f32 (`--method f32`); the
-# `kv-int8` row is that baseline with the KV cache stored as int8.
+# `kv-<dtype>` rows are that baseline with the KV cache stored as <dtype> (f16, bf16, int8, fp8).
 # Usage: scripts/bench-quant.sh [model:method,method ...] (default: the README's rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ for spec in "${specs[@]}"; do
     quant="$method"
     case "$method" in
       gptq | awq | llm-int8) calib=(--calib data/botchan-calib.txt) ;;
-      kv-int8) quant=f32 kv=int8 ;;
+      kv-*) quant=f32 kv="${method#kv-}" ;;
     esac
     t0=$(date +%s.%N)
     report=$("$tern" quantize -m "$model" --method "$quant" "${calib[@]}" -t 2 -o "$file" 2>/dev/null | head -1)

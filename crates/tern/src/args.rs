@@ -198,7 +198,8 @@ pub struct EngineArgs {
     /// Do not share KV blocks between requests with a common prefix.
     #[arg(long)]
     pub no_prefix_caching: bool,
-    /// Storage of the CPU KV cache: f32, or int8 (per position and KV head, 3.9× smaller).
+    /// Storage of the CPU KV cache: f32, f16, bf16, or int8 / fp8 (e4m3) with a scale per
+    /// position and KV head.
     #[arg(long, default_value = "f32")]
     pub kv_cache_dtype: String,
 }

@@ -33,7 +33,8 @@ pub struct BenchArgs {
     /// Timed repetitions of each test (after one warm-up run).
     #[arg(long, short = 'r', default_value_t = 5)]
     pub repetitions: usize,
-    /// Storage of the CPU KV cache: f32 or int8.
+    /// Storage of the CPU KV cache: f32, f16, bf16, or int8 / fp8 (e4m3) with a scale per
+    /// position and KV head.
     #[arg(long, default_value = "f32")]
     pub kv_cache_dtype: String,
     /// Print JSON instead of a table.

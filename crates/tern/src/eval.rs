@@ -35,7 +35,8 @@ pub struct PerplexityArgs {
     /// quantized kernels.
     #[arg(long)]
     dequantize: bool,
-    /// Storage of the KV cache: f32, or int8 (per position and KV head).
+    /// Storage of the CPU KV cache: f32, f16, bf16, or int8 / fp8 (e4m3) with a scale per
+    /// position and KV head.
     #[arg(long, default_value = "f32")]
     kv_cache_dtype: String,
     /// Print one JSON object instead of text.

@@ -79,7 +79,7 @@ fn bad_inputs_fail_cleanly() {
 }
 
 #[test]
-fn int8_kv_cache_stays_close() {
+fn quantized_kv_caches_stay_close() {
     let text = repo_root().join("data/botchan-eval.txt");
     let run = |kv: &str| -> Value {
         let args = [
@@ -97,12 +97,17 @@ fn int8_kv_cache_stays_close() {
         ];
         serde_json::from_str(tern_ok(&args).trim()).unwrap()
     };
-    let (f, q) = (run("f32"), run("int8"));
-    let rel = q["ppl"].as_f64().unwrap() / f["ppl"].as_f64().unwrap() - 1.0;
-    eprintln!("int8 KV: perplexity {} vs {} ({:+.3}%)", q["ppl"], f["ppl"], 100.0 * rel);
-    assert!(rel.abs() < 0.01, "int8 KV moves perplexity by {:.3}%", 100.0 * rel);
-    let (fb, qb) = (f["kv_bytes_per_token"].as_u64().unwrap(), q["kv_bytes_per_token"].as_u64().unwrap());
-    assert!(qb * 3 < fb, "int8 KV takes {qb} bytes per token against {fb}");
-    let e = tern_err(&["eval", "perplexity", "--text", text.to_str().unwrap(), "--kv-cache-dtype", "fp8"]);
+    let f = run("f32");
+    let fb = f["kv_bytes_per_token"].as_u64().unwrap();
+    // (dtype, largest relative perplexity change, at most this fraction of f32's bytes)
+    for (kv, tol, size) in [("f16", 0.001, 0.5), ("bf16", 0.005, 0.5), ("int8", 0.01, 0.3), ("fp8", 0.03, 0.3)] {
+        let q = run(kv);
+        let rel = q["ppl"].as_f64().unwrap() / f["ppl"].as_f64().unwrap() - 1.0;
+        eprintln!("{kv} KV: perplexity {} vs {} ({:+.3}%)", q["ppl"], f["ppl"], 100.0 * rel);
+        assert!(rel.abs() < tol, "{kv} KV moves perplexity by {:.3}%", 100.0 * rel);
+        let qb = q["kv_bytes_per_token"].as_u64().unwrap();
+        assert!(qb as f64 <= size * fb as f64, "{kv} KV takes {qb} bytes per token against {fb}");
+    }
+    let e = tern_err(&["eval", "perplexity", "--text", text.to_str().unwrap(), "--kv-cache-dtype", "fp4"]);
     assert!(e.contains("unknown KV cache dtype"), "{e}");
 }

@@ -8,6 +8,7 @@ mod cpu;
 mod dequant;
 mod dot_scalar;
 mod dtype;
+mod fp8;
 mod matmul;
 mod thread_pool;
 
@@ -21,5 +22,6 @@ pub use acts::QuantizedActs;
 pub use cpu::{cpu_features, cpu_level, CpuFeatures, CpuLevel};
 pub use dequant::dequantize_row;
 pub use dtype::{DType, QK, QK_K};
+pub use fp8::{e4m3_from_f32, e4m3_to_f16_bits_scaled, e4m3_to_f32, E4M3_F16_SCALE, E4M3_MAX};
 pub use matmul::{check_matmul_args, matmul, matmul_parallel, matmul_rows};
 pub use thread_pool::ThreadPool;

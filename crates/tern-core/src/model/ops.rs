@@ -66,29 +66,59 @@ pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
     }
 }
 
-/// [`scaled_dots`] over int8 rows with one scale per row (`scales[j * sstride]`).
-pub fn scaled_dots_i8(
+/// A narrow stored K/V element: int8 (with a row scale), f16, bf16 or FP8 E4M3 (with a row
+/// scale).
+pub trait KvElem: Copy + Sync {
+    fn to_f32(self) -> f32;
+    /// The SIMD loads return the value divided by this (E4M3 goes through f16 at 2⁻⁸).
+    const SIMD_SCALE: f32 = 1.0;
+    /// 8 elements from `p` as f32 (divided by SIMD_SCALE).
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C present; 8 elements readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+/// f16 bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct F16Bits(pub u16);
+/// bf16 bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct Bf16Bits(pub u16);
+/// An FP8 E4M3 code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct E4m3(pub u8);
+
+/// Row scales of 1 for the element types that need none (`sstride` 0).
+pub const NO_SCALES: &[f32] = &[1.0];
+
+/// out[j] = scale · scales[j * sstride] · dot(q, row j) over narrow rows (see [`scaled_dots`]).
+pub fn scaled_dots_narrow<E: KvElem>(
     q: &[f32],
-    rows: &[i8],
+    rows: &[E],
     stride: usize,
     scales: &[f32],
     sstride: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    assert!(out.is_empty() || (out.len() - 1) * stride + q.len() <= rows.len(), "scaled_dots_i8: rows too short");
-    assert!(out.is_empty() || (out.len() - 1) * sstride < scales.len(), "scaled_dots_i8: scales too short");
+    assert!(out.is_empty() || (out.len() - 1) * stride + q.len() <= rows.len(), "scaled_dots: rows too short");
+    assert!(out.is_empty() || (out.len() - 1) * sstride < scales.len(), "scaled_dots: scales too short");
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() && q.len().is_multiple_of(8) {
-        // SAFETY: AVX2+FMA checked; bounds asserted above.
-        return unsafe { x86::scaled_dots_i8(q, rows, stride, scales, sstride, scale, out) };
+    if has_avx2_f16c() && q.len().is_multiple_of(8) {
+        // SAFETY: AVX2+FMA+F16C checked; bounds asserted above.
+        return unsafe { x86::scaled_dots_narrow(q, rows, stride, scales, sstride, scale, out) };
     }
-    scaled_dots_i8_scalar(q, rows, stride, scales, sstride, scale, out)
+    scaled_dots_narrow_scalar(q, rows, stride, scales, sstride, scale, out)
 }
 
-pub fn scaled_dots_i8_scalar(
+pub fn scaled_dots_narrow_scalar<E: KvElem>(
     q: &[f32],
-    rows: &[i8],
+    rows: &[E],
     stride: usize,
     scales: &[f32],
     sstride: usize,
@@ -97,29 +127,113 @@ pub fn scaled_dots_i8_scalar(
 ) {
     for (j, o) in out.iter_mut().enumerate() {
         let r = &rows[j * stride..j * stride + q.len()];
-        *o = scale * scales[j * sstride] * q.iter().zip(r).map(|(&a, &b)| a * b as f32).sum::<f32>();
+        *o = scale * scales[j * sstride] * q.iter().zip(r).map(|(&a, &b)| a * b.to_f32()).sum::<f32>();
     }
 }
 
-/// [`weighted_sum`] over int8 rows with one scale per row (`scales[j * sstride]`).
-pub fn weighted_sum_i8(w: &[f32], rows: &[i8], stride: usize, scales: &[f32], sstride: usize, out: &mut [f32]) {
-    assert!(w.is_empty() || (w.len() - 1) * stride + out.len() <= rows.len(), "weighted_sum_i8: rows too short");
-    assert!(w.is_empty() || (w.len() - 1) * sstride < scales.len(), "weighted_sum_i8: scales too short");
+/// out += Σ_j w[j] · scales[j * sstride] · row j over narrow rows (see [`weighted_sum`]).
+pub fn weighted_sum_narrow<E: KvElem>(
+    w: &[f32],
+    rows: &[E],
+    stride: usize,
+    scales: &[f32],
+    sstride: usize,
+    out: &mut [f32],
+) {
+    assert!(w.is_empty() || (w.len() - 1) * stride + out.len() <= rows.len(), "weighted_sum: rows too short");
+    assert!(w.is_empty() || (w.len() - 1) * sstride < scales.len(), "weighted_sum: scales too short");
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() && out.len().is_multiple_of(8) {
-        // SAFETY: AVX2+FMA checked; bounds asserted above.
-        return unsafe { x86::weighted_sum_i8(w, rows, stride, scales, sstride, out) };
+    if has_avx2_f16c() && out.len().is_multiple_of(8) {
+        // SAFETY: AVX2+FMA+F16C checked; bounds asserted above.
+        return unsafe { x86::weighted_sum_narrow(w, rows, stride, scales, sstride, out) };
     }
-    weighted_sum_i8_scalar(w, rows, stride, scales, sstride, out)
+    weighted_sum_narrow_scalar(w, rows, stride, scales, sstride, out)
 }
 
-pub fn weighted_sum_i8_scalar(w: &[f32], rows: &[i8], stride: usize, scales: &[f32], sstride: usize, out: &mut [f32]) {
+pub fn weighted_sum_narrow_scalar<E: KvElem>(
+    w: &[f32],
+    rows: &[E],
+    stride: usize,
+    scales: &[f32],
+    sstride: usize,
+    out: &mut [f32],
+) {
     let d = out.len();
     for (j, &wj) in w.iter().enumerate() {
         let f = wj * scales[j * sstride];
         for (o, &r) in out.iter_mut().zip(&rows[j * stride..j * stride + d]) {
-            *o += f * r as f32;
+            *o += f * r.to_f32();
         }
+    }
+}
+
+fn has_avx2_f16c() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2_fma() && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+impl KvElem for i8 {
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+}
+
+impl KvElem for F16Bits {
+    fn to_f32(self) -> f32 {
+        half::f16::from_bits(self.0).to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const F16Bits) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+}
+
+impl KvElem for Bf16Bits {
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const Bf16Bits) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+}
+
+impl KvElem for E4m3 {
+    fn to_f32(self) -> f32 {
+        crate::kernels::e4m3_to_f32(self.0)
+    }
+    const SIMD_SCALE: f32 = crate::kernels::E4M3_F16_SCALE;
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const E4m3) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // See kernels::e4m3_to_f16_bits_scaled: sign to bit 15, exponent and mantissa up by 7.
+        let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
+        let sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
+        let em = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7);
+        _mm256_cvtph_ps(_mm_or_si128(sign, em))
     }
 }
 
@@ -178,18 +292,11 @@ mod x86 {
         }
     }
 
-    /// 8 int8 values as f32.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn i8x8(p: *const i8) -> __m256 {
-        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-    }
-
     /// Requires q.len() % 8 == 0 and every row and scale in bounds.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scaled_dots_i8(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scaled_dots_narrow<E: super::KvElem>(
         q: &[f32],
-        rows: &[i8],
+        rows: &[E],
         stride: usize,
         scales: &[f32],
         sstride: usize,
@@ -197,12 +304,13 @@ mod x86 {
         out: &mut [f32],
     ) {
         let d = q.len();
+        let scale = scale * E::SIMD_SCALE;
         for (j, o) in out.iter_mut().enumerate() {
             let r = rows.as_ptr().add(j * stride);
             let mut a = _mm256_setzero_ps();
             let mut i = 0;
             while i < d {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), i8x8(r.add(i)), a);
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), E::load8(r.add(i)), a);
                 i += 8;
             }
             let v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -213,10 +321,10 @@ mod x86 {
     }
 
     /// Requires out.len() % 8 == 0 and every row and scale in bounds.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum_i8(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum_narrow<E: super::KvElem>(
         w: &[f32],
-        rows: &[i8],
+        rows: &[E],
         stride: usize,
         scales: &[f32],
         sstride: usize,
@@ -233,9 +341,9 @@ mod x86 {
             }
             for (j, &wj) in w.iter().enumerate() {
                 let r = rows.as_ptr().add(j * stride + i);
-                let wv = _mm256_set1_ps(wj * scales[j * sstride]);
+                let wv = _mm256_set1_ps(wj * scales[j * sstride] * E::SIMD_SCALE);
                 for (a, acc) in acc.iter_mut().enumerate().take(n) {
-                    *acc = _mm256_fmadd_ps(wv, i8x8(r.add(8 * a)), *acc);
+                    *acc = _mm256_fmadd_ps(wv, E::load8(r.add(8 * a)), *acc);
                 }
             }
             for (a, acc) in acc.iter().enumerate().take(n) {
@@ -341,26 +449,42 @@ mod tests {
         }
     }
 
-    #[test]
-    fn int8_attention_loops_match_scalar() {
+    fn narrow_loops_match_scalar<E: KvElem>(mut elem: impl FnMut(&mut Rng) -> E, scaled: bool) {
         let mut rng = Rng::new(3);
         // (head dim, row stride, scale stride, rows)
         for (d, stride, sstride, n) in
             [(64, 192, 3, 37), (128, 256, 2, 5), (8, 8, 1, 1), (40, 48, 1, 9), (12, 12, 1, 3)]
         {
-            let rows: Vec<i8> = (0..n * stride).map(|_| (rng.next_u64() % 255) as i8).collect();
-            let scales: Vec<f32> = (0..n * sstride).map(|_| rng.next_f32() * 0.01).collect();
+            let rows: Vec<E> = (0..n * stride).map(|_| elem(&mut rng)).collect();
+            let owned: Vec<f32> = (0..n * sstride).map(|_| rng.next_f32() * 0.01).collect();
+            let (scales, sstride) = if scaled { (&owned[..], sstride) } else { (NO_SCALES, 0) };
             let q: Vec<f32> = (0..d).map(|_| rng.normal()).collect();
             let (mut got, mut want) = (vec![0.0; n], vec![0.0; n]);
-            scaled_dots_i8(&q, &rows, stride, &scales, sstride, 0.5, &mut got);
-            scaled_dots_i8_scalar(&q, &rows, stride, &scales, sstride, 0.5, &mut want);
-            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs())), "d {d}");
+            scaled_dots_narrow(&q, &rows, stride, scales, sstride, 0.5, &mut got);
+            scaled_dots_narrow_scalar(&q, &rows, stride, scales, sstride, 0.5, &mut want);
+            let close = |a: &f32, b: &f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+            assert!(got.iter().zip(&want).all(|(a, b)| close(a, b)), "d {d}: {got:?} vs {want:?}");
             let w: Vec<f32> = (0..n).map(|_| rng.next_f32()).collect();
             let (mut got, mut want) = (vec![1.0; d], vec![1.0; d]);
-            weighted_sum_i8(&w, &rows, stride, &scales, sstride, &mut got);
-            weighted_sum_i8_scalar(&w, &rows, stride, &scales, sstride, &mut want);
-            assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs())), "d {d}");
+            weighted_sum_narrow(&w, &rows, stride, scales, sstride, &mut got);
+            weighted_sum_narrow_scalar(&w, &rows, stride, scales, sstride, &mut want);
+            assert!(got.iter().zip(&want).all(|(a, b)| close(a, b)), "d {d}");
         }
+    }
+
+    #[test]
+    fn narrow_attention_loops_match_scalar() {
+        narrow_loops_match_scalar(|r| (r.next_u64() % 255) as i8, true);
+        narrow_loops_match_scalar(|r| F16Bits(half::f16::from_f32(r.normal()).to_bits()), false);
+        narrow_loops_match_scalar(|r| Bf16Bits((r.normal().to_bits() >> 16) as u16), false);
+        // Every finite E4M3 code, both signs (0x7F/0xFF are NaN).
+        narrow_loops_match_scalar(
+            |r| {
+                let b = r.next_u64() as u8;
+                E4m3(if b & 0x7F == 0x7F { b - 1 } else { b })
+            },
+            true,
+        );
     }
 
     #[test]
