@@ -3,11 +3,13 @@
 # data/botchan-calib.txt), perplexity on the first WINDOWS windows of data/botchan-eval.txt,
 # file size, stored bits per weight of the layer matrices, and CPU decode speed (2 threads).
 # The baseline row is the source GGUF's weights dequantized to f32 (`--method f32`); the
-# `kv-<dtype>` rows are that baseline with the KV cache stored as <dtype> (f16, bf16, int8, fp8).
+# `kv-<dtype>` rows are that baseline with the KV cache stored as <dtype> (f16, bf16, int8, fp8);
+# `fp8-tensor` is fp8 with one scale per matrix.
+# TERN=path runs another binary (e.g. a copy, so that builds can go on meanwhile).
 # Usage: scripts/bench-quant.sh [model:method,method ...] (default: the README's rows).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tern=target/release/tern
+tern="${TERN:-target/release/tern}"
 [ -x "$tern" ] || cargo build --release -q -p tern
 windows="${WINDOWS:-8}"
 out="${OUT_DIR:-/tmp/tern-quant}"
@@ -26,6 +28,7 @@ for spec in "${specs[@]}"; do
     case "$method" in
       gptq | awq | llm-int8) calib=(--calib data/botchan-calib.txt) ;;
       kv-*) quant=f32 kv="${method#kv-}" ;;
+      fp8-tensor) quant=fp8 calib=(--fp8-scale tensor) ;;
     esac
     t0=$(date +%s.%N)
     report=$("$tern" quantize -m "$model" --method "$quant" "${calib[@]}" -t 2 -o "$file" 2>/dev/null | head -1)

@@ -18,8 +18,14 @@ enum MethodArg {
     F32,
     /// The dequantized weights rounded to f16.
     F16,
-    /// Per-output-channel symmetric int8 (stored as Q8_0).
+    /// Per-output-channel symmetric int8 (stored as Q8_0; W8A16 in intent, the CPU kernel
+    /// quantizes activations per 32 values as llama.cpp does).
     Int8,
+    /// Per-output-channel int8 weights (I8 + f32 row scales) × int8 activations quantized per
+    /// token: one integer dot per output.
+    W8a8,
+    /// FP8 E4M3 weights with a scale per output channel (or per tensor: --fp8-scale tensor).
+    Fp8,
     /// LLM.int8(): outlier input channels (calibration |x| ≥ --outlier-threshold) in f32, the
     /// rest per-channel int8.
     LlmInt8,
@@ -31,13 +37,20 @@ enum MethodArg {
     Awq,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Fp8Scale {
+    Channel,
+    Tensor,
+}
+
 #[derive(Args)]
 pub struct QuantizeArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long, value_enum)]
     method: MethodArg,
-    /// Bits per weight of the method (4 for int4-rtn/gptq/awq, 8 for int8); a check only.
+    /// Bits per weight of the method (4 for int4-rtn/gptq/awq, 8 for int8/w8a8/llm-int8/fp8); a
+    /// check only.
     #[arg(long)]
     bits: Option<usize>,
     /// Columns per int4 group (a multiple of 32).
@@ -65,6 +78,9 @@ pub struct QuantizeArgs {
     /// LLM.int8(): the activation magnitude that makes an input channel an outlier.
     #[arg(long, default_value_t = 6.0)]
     outlier_threshold: f32,
+    /// FP8 scale granularity: one per output channel, or one per tensor.
+    #[arg(long, value_enum, default_value = "channel")]
+    fp8_scale: Fp8Scale,
     /// Output .gguf file (written completely or not at all).
     #[arg(long, short = 'o')]
     out: PathBuf,
@@ -85,6 +101,8 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         MethodArg::F32 => Method::F32,
         MethodArg::F16 => Method::F16,
         MethodArg::Int8 => Method::Int8,
+        MethodArg::W8a8 => Method::W8a8,
+        MethodArg::Fp8 => Method::Fp8,
         MethodArg::LlmInt8 => Method::LlmInt8,
         MethodArg::Int4Rtn => Method::Int4Rtn,
         MethodArg::Gptq => Method::Gptq,
@@ -102,6 +120,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     if a.no_act_order && method != Method::Gptq {
         bail!("--no-act-order applies to --method gptq only");
     }
+    if a.fp8_scale == Fp8Scale::Tensor && method != Method::Fp8 {
+        bail!("--fp8-scale applies to --method fp8 only");
+    }
     let o = Options {
         method,
         group: a.group_size,
@@ -109,6 +130,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         act_order: !a.no_act_order,
         awq_rows: a.awq_rows,
         outlier_threshold: a.outlier_threshold,
+        fp8_per_tensor: a.fp8_scale == Fp8Scale::Tensor,
     };
     o.check()?;
     if method.needs_calibration() != a.calib.is_some() {

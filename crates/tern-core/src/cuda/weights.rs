@@ -7,7 +7,7 @@
 
 use super::device::{DevBuf, Gpu};
 use super::ops::{GpuMatrix, GpuWeights, Kernels};
-use crate::kernels::{dequantize_row, DType};
+use crate::kernels::DType;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Matrix, ModelWeights};
 use anyhow::{bail, ensure, Result};
@@ -166,11 +166,11 @@ fn to_bf16(m: &Matrix) -> Result<Vec<u16>> {
     if m.dtype == DType::BF16 {
         return Ok(m.data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect());
     }
-    let rb = m.dtype.row_bytes(m.cols)?;
     let mut row = vec![0f32; m.cols];
     let mut out = Vec::with_capacity(m.rows * m.cols);
     for r in 0..m.rows {
-        dequantize_row(m.dtype, &m.data()[r * rb..(r + 1) * rb], &mut row)?;
+        // Row scales (w8a8, fp8) included.
+        m.row_f32(r, &mut row)?;
         out.extend(row.iter().map(|&v| bf16::from_f32(v).to_bits()));
     }
     Ok(out)

@@ -5,7 +5,9 @@
 //!   through f16 like ggml's Q8_0/Q8_1) and `s = d * sum(q)` (Q8_1's sum; it turns the
 //!   weights' offset/min into one multiply per block instead of per element).
 //! - K-quant weights: Q8_K, super-blocks of 256 int8 with f32 scale and 16 int16 sums of 16.
-//! - F32/F16/BF16 weights: plain f32 copies.
+//! - I8 weights (W8A8): one int8 scale per row (per token), `d = amax/127` over all k, so the
+//!   whole row's product is one integer dot.
+//! - F32/F16/BF16/F8E4M3 weights: plain f32 copies.
 
 use super::cpu::{cpu_level, CpuLevel};
 use super::dtype::{DType, QK, QK_K};
@@ -20,11 +22,14 @@ pub(crate) enum ActFormat {
     Q8x32,
     /// 256-element super-blocks: `qs`, `d`, `bsums`.
     Q8K,
+    /// One scale per row: `qs`, `d`.
+    Q8Row,
 }
 
 pub(crate) fn act_format(weight_dtype: DType) -> ActFormat {
     match weight_dtype {
-        DType::F32 | DType::F16 | DType::BF16 => ActFormat::F32,
+        DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 => ActFormat::F32,
+        DType::I8 => ActFormat::Q8Row,
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => ActFormat::Q8x32,
         DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => ActFormat::Q8K,
     }
@@ -152,6 +157,10 @@ impl QuantizedActs {
                 resize(&mut self.d, n / QK_K, 0.0);
                 resize(&mut self.bsums, n / QK_K * 16, 0);
             }
+            ActFormat::Q8Row => {
+                resize(&mut self.qs, n, 0);
+                resize(&mut self.d, n_rows, 0.0);
+            }
             ActFormat::Empty => unreachable!(),
         }
         Ok(())
@@ -211,6 +220,7 @@ impl RowsOut {
                     }
                     quantize_q8k_scalar(xr, qs, d, bs);
                 }
+                ActFormat::Q8Row => quantize_q8row(xr, mk(self.qs.add(r * k), k), &mut *self.d.add(r)),
                 ActFormat::Empty => {}
             }
         }
@@ -240,6 +250,16 @@ pub(crate) fn quantize_q8x32_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: 
         let dr = half::f16::from_f32(dd).to_f32();
         d[b] = dr;
         s[b] = dr * sum as f32;
+    }
+}
+
+/// One row as int8 with one scale: d = amax / 127 (rounding half to even).
+pub(crate) fn quantize_q8row(x: &[f32], qs: &mut [i8], d: &mut f32) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    *d = amax / 127.0;
+    let id = if *d != 0.0 { 1.0 / *d } else { 0.0 };
+    for (q, v) in qs.iter_mut().zip(x) {
+        *q = ((v * id).round_ties_even() as i32).clamp(-127, 127) as i8;
     }
 }
 

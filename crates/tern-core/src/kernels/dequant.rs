@@ -26,6 +26,9 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<()> {
                 *d = bf16_to_f32(u16::from_le_bytes([s[0], s[1]]));
             }
         }
+        // Before their row scale (the matrix applies it).
+        DType::I8 => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s as i8 as f32),
+        DType::F8E4M3 => dst.iter_mut().zip(src).for_each(|(d, &s)| *d = super::fp8::e4m3_to_f32(s)),
         _ => {
             for (b, y) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(bl)) {
                 dequant_block(dtype, b, y);
@@ -185,6 +188,6 @@ fn dequant_block(dtype: DType, b: &[u8], y: &mut [f32]) {
                 }
             }
         }
-        DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a block type"),
+        DType::F32 | DType::F16 | DType::BF16 | DType::I8 | DType::F8E4M3 => unreachable!("not a block type"),
     }
 }

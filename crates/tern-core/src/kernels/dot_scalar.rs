@@ -24,6 +24,15 @@ pub(crate) fn dot_row(dtype: DType, w: &[u8], acts: &QuantizedActs, i: usize) ->
             }
             sum
         }
+        DType::F8E4M3 => {
+            let a = &acts.f[i * k..(i + 1) * k];
+            a.iter().zip(w).map(|(&x, &b)| x * super::fp8::e4m3_to_f32(b)).sum()
+        }
+        DType::I8 => {
+            let a = &acts.qs[i * k..(i + 1) * k];
+            let sum: i32 = a.iter().zip(w).map(|(&x, &b)| x as i32 * b as i8 as i32).sum();
+            acts.d[i] * sum as f32
+        }
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => dot_q32(dtype, w, acts, i),
         _ => dot_k(dtype, w, acts, i),
     }

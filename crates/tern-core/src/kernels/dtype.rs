@@ -23,10 +23,16 @@ pub enum DType {
     Q4_K,
     Q5_K,
     Q6_K,
+    /// int8 values, one per element; a matrix stored this way carries one f32 scale per row
+    /// (or per tensor) beside it (`tern quantize --method w8a8`).
+    I8,
+    /// FP8 E4M3 codes, one per element, with a row or tensor scale like `I8`. GGUF has no FP8
+    /// type: files store the codes as I8 tensors and say so in `tern.quantize.method`.
+    F8E4M3,
 }
 
 impl DType {
-    pub const ALL: [DType; 13] = [
+    pub const ALL: [DType; 15] = [
         DType::F32,
         DType::F16,
         DType::BF16,
@@ -40,6 +46,8 @@ impl DType {
         DType::Q4_K,
         DType::Q5_K,
         DType::Q6_K,
+        DType::I8,
+        DType::F8E4M3,
     ];
 
     /// Maps a GGML type id (as in GGUF tensor infos) to a DType.
@@ -57,12 +65,13 @@ impl DType {
             12 => DType::Q4_K,
             13 => DType::Q5_K,
             14 => DType::Q6_K,
+            24 => DType::I8,
             30 => DType::BF16,
             _ => return None,
         })
     }
 
-    /// The GGML type id.
+    /// The GGML type id (F8E4M3 is stored as I8).
     pub fn ggml_id(self) -> u32 {
         match self {
             DType::F32 => 0,
@@ -77,6 +86,7 @@ impl DType {
             DType::Q4_K => 12,
             DType::Q5_K => 13,
             DType::Q6_K => 14,
+            DType::I8 | DType::F8E4M3 => 24,
             DType::BF16 => 30,
         }
     }
@@ -84,7 +94,7 @@ impl DType {
     /// Elements per block.
     pub fn block_len(self) -> usize {
         match self {
-            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::F32 | DType::F16 | DType::BF16 | DType::I8 | DType::F8E4M3 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => QK,
             DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K => QK_K,
         }
@@ -95,6 +105,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::I8 | DType::F8E4M3 => 1,
             DType::Q4_0 => 2 + 16,
             DType::Q4_1 => 2 + 2 + 16,
             DType::Q5_0 => 2 + 4 + 16,
@@ -133,11 +144,19 @@ impl DType {
             DType::Q4_K => "q4_K",
             DType::Q5_K => "q5_K",
             DType::Q6_K => "q6_K",
+            DType::I8 => "i8",
+            DType::F8E4M3 => "f8_e4m3",
         }
     }
 
     pub fn is_quantized(self) -> bool {
         !matches!(self, DType::F32 | DType::F16 | DType::BF16)
+    }
+
+    /// Whether a matrix of this type needs its row scales beside it (its stored values are
+    /// the weights divided by them).
+    pub fn needs_row_scale(self) -> bool {
+        matches!(self, DType::I8 | DType::F8E4M3)
     }
 }
 
@@ -154,7 +173,8 @@ mod tests {
     #[test]
     fn ids_roundtrip_and_sizes() {
         for dt in DType::ALL {
-            assert_eq!(DType::from_ggml(dt.ggml_id()), Some(dt));
+            let stored = if dt == DType::F8E4M3 { DType::I8 } else { dt };
+            assert_eq!(DType::from_ggml(dt.ggml_id()), Some(stored));
         }
         assert_eq!(DType::from_ggml(4), None);
         assert_eq!(DType::Q4_K.block_bytes(), 144);

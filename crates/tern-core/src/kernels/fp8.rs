@@ -5,7 +5,9 @@
 /// Largest finite E4M3 value.
 pub const E4M3_MAX: f32 = 448.0;
 
-/// The nearest E4M3 code to `v` (ties away from zero), saturating at ±448; NaN encodes as 0.
+/// The nearest E4M3 code to `v`, ties to even (as PyTorch's `float8_e4m3fn` conversion: ties
+/// away from zero bias weights that came from bf16, whose scaled values often land on ties),
+/// saturating at ±448; NaN encodes as 0.
 pub fn e4m3_from_f32(v: f32) -> u8 {
     if v.is_nan() {
         return 0;
@@ -15,7 +17,7 @@ pub fn e4m3_from_f32(v: f32) -> u8 {
     // Binade of `a` (subnormals share the smallest normal binade, 2⁻⁶); 8 steps per binade.
     let e = (((a.to_bits() >> 23) & 0xFF) as i32 - 127).max(-6);
     let step = f32::from_bits(((e - 3 + 127) as u32) << 23);
-    let n = (a / step).round() as i32; // 0..=16; 16 carries into the next binade below
+    let n = (a / step).round_ties_even() as i32; // 0..=16; 16 carries into the next binade below
     let code = ((e + 7) << 3) + n - 8;
     sign | code.min(0x7E) as u8
 }
@@ -64,6 +66,24 @@ mod tests {
         }
         assert_eq!(e4m3_to_f32(0x7E), 448.0);
         assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+    }
+
+    #[test]
+    fn encoding_matches_pytorch() {
+        // reference/fp8_e4m3.py: torch's float8_e4m3fn codes of ties, near-ties, subnormals and
+        // random values.
+        let data = include_str!("testdata/e4m3_torch.txt");
+        let mut n = 0;
+        for line in data.lines().filter(|l| !l.starts_with('#')) {
+            let (bits, code) = line.split_once(' ').unwrap();
+            let v = f32::from_bits(u32::from_str_radix(bits, 16).unwrap());
+            let want = u8::from_str_radix(code, 16).unwrap();
+            // torch writes +0 for -0.0; both decode to zero.
+            let got = if v == 0.0 { want } else { e4m3_from_f32(v) };
+            assert_eq!(got, want, "{v:e}: {got:#04x}, torch {want:#04x}");
+            n += 1;
+        }
+        assert_eq!(n, 5010);
     }
 
     #[test]

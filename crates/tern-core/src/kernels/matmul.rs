@@ -63,7 +63,7 @@ macro_rules! scalar_kernels {
         }
     };
 }
-scalar_kernels!(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K);
+scalar_kernels!(F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, I8, F8E4M3);
 
 /// The best kernel for `dtype` at `level` (falling back to scalar where no SIMD kernel exists).
 pub(crate) fn kernel_for(dtype: DType, level: CpuLevel) -> Kernel {

@@ -50,6 +50,9 @@ pub(crate) fn random_weights(rng: &mut Rng, dtype: DType, rows: usize, k: usize)
         DType::F32 => (0..n).flat_map(|_| rng.f32().to_le_bytes()).collect(),
         DType::F16 => (0..n).flat_map(|_| half::f16::from_f32(rng.f32()).to_bits().to_le_bytes()).collect(),
         DType::BF16 => (0..n).flat_map(|_| half::bf16::from_f32(rng.f32()).to_bits().to_le_bytes()).collect(),
+        // Every code but the NaNs.
+        DType::F8E4M3 => rng.bytes(n).into_iter().map(|b| if b & 0x7F == 0x7F { b - 1 } else { b }).collect(),
+        DType::I8 => rng.bytes(n),
         _ => {
             let bb = dtype.block_bytes();
             let mut w = rng.bytes(dtype.row_bytes(k).unwrap() * rows);
@@ -162,7 +165,12 @@ fn check_dtype(dtype: DType, ks: &[usize]) {
             for r in 0..n_out {
                 dequantize_row(dtype, &w[r * row_bytes..(r + 1) * row_bytes], &mut wf[r * k..(r + 1) * k]).unwrap();
             }
-            let bl = if dtype.is_quantized() { dtype.block_len() } else { 1 };
+            // Elements that share an activation scale.
+            let (act_quantized, bl) = match dtype {
+                DType::I8 => (true, k),
+                DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 => (false, 1),
+                _ => (true, dtype.block_len()),
+            };
             let mut yref = vec![0.0f32; n_acts * n_out];
             for i in 0..n_acts {
                 for r in 0..n_out {
@@ -176,7 +184,7 @@ fn check_dtype(dtype: DType, ks: &[usize]) {
                             bound += (a.abs() as f64) * amax / 127.0 * 0.6;
                         }
                     }
-                    let tol = if dtype.is_quantized() { bound } else { 0.0 } + 1e-4 * (1.0 + exact.abs());
+                    let tol = if act_quantized { bound } else { 0.0 } + 1e-4 * (1.0 + exact.abs());
                     assert!(
                         (yr as f64 - exact).abs() <= tol,
                         "{dtype} k={k} r={r} i={i}: quantized {yr} vs f32 {exact} (tol {tol})"
@@ -259,6 +267,15 @@ fn matmul_f16() {
 #[test]
 fn matmul_bf16() {
     check_dtype(DType::BF16, &[1, 7, 64, 333]);
+}
+
+#[test]
+fn matmul_i8() {
+    check_dtype(DType::I8, &[1, 32, 70, 224, 1184]);
+}
+#[test]
+fn matmul_f8_e4m3() {
+    check_dtype(DType::F8E4M3, &[1, 7, 64, 333]);
 }
 
 #[test]

@@ -334,7 +334,7 @@ pub fn project(pool: &ThreadPool, m: &Matrix, x: &[f32], n: usize) -> Result<Vec
 
 /// y_j = x · W_jᵀ through the stored encodings, all in one parallel region. Activations are
 /// quantized once per distinct activation format (e.g. Q5_0 and Q8_0 weights share Q8_0
-/// activations).
+/// activations); I8/F8E4M3 products are scaled by their rows' scales.
 fn matmuls_stored(
     pool: &ThreadPool,
     acts: &mut [QuantizedActs; 3],
@@ -371,7 +371,17 @@ fn matmuls_stored(
             }
             let (out, ldy) = outs[j];
             // SAFETY: each thread gets a disjoint row range; y has n × m.rows elements.
-            unsafe { kernels::matmul_rows(m.dtype, m.data(), m.cols, rows, &acts[act_index[j]], out.ptr(), ldy) };
+            unsafe {
+                kernels::matmul_rows(m.dtype, m.data(), m.cols, rows.clone(), &acts[act_index[j]], out.ptr(), ldy)
+            };
+            if m.row_scale.is_some() {
+                for i in 0..n {
+                    for r in rows.clone() {
+                        // SAFETY: as above (this thread's rows).
+                        unsafe { *out.ptr().add(i * ldy + r) *= m.scale_of(r) };
+                    }
+                }
+            }
         }
     });
     Ok(())

@@ -1,6 +1,7 @@
 //! Builds `ModelWeights` from a GGUF file; matrices stay in the memory map.
 
 use crate::gguf::{GgufFile, TensorInfo};
+use crate::kernels::DType;
 use crate::model::config::ModelConfig;
 use crate::model::weights::{Bytes, Matrix, ModelWeights, Outliers, TensorNames};
 use anyhow::{bail, Context, Result};
@@ -26,6 +27,7 @@ const GGUF_NAMES: TensorNames = TensorNames {
 
 pub fn load(f: &GgufFile) -> Result<ModelWeights> {
     let config = ModelConfig::from_gguf(f)?;
+    let fp8 = f.get_str("tern.quantize.method") == Some("fp8");
     let tensor =
         |name: &str| -> Result<&TensorInfo> { f.tensor(name).with_context(|| format!("missing tensor {name:?}")) };
     let matrix = |name: &str| -> Result<Matrix> {
@@ -34,22 +36,30 @@ pub fn load(f: &GgufFile) -> Result<ModelWeights> {
             bail!("tensor {name:?} should be 2-D, has dims {:?}", t.dims);
         }
         let bytes = Bytes::Mapped { map: f.map().clone(), offset: t.offset, len: t.n_bytes };
-        let m = Matrix::new(t.dtype, t.dims[1] as usize, t.dims[0] as usize, bytes)
+        // GGUF has no FP8 type: `tern quantize --method fp8` stores the E4M3 codes as I8.
+        let dtype = if t.dtype == DType::I8 && fp8 { DType::F8E4M3 } else { t.dtype };
+        let mut m = Matrix::new(dtype, t.dims[1] as usize, t.dims[0] as usize, bytes)
             .with_context(|| format!("tensor {name:?}"))?;
-        // LLM.int8() outlier columns written by `tern quantize --method llm-int8`.
+        let read = |t: &TensorInfo| -> Result<Vec<f32>> {
+            if t.dtype != DType::F32 {
+                bail!("tensor {:?} should be f32", t.name);
+            }
+            Ok(f.map()[t.offset..t.offset + t.n_bytes]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
         let stem = name.strip_suffix(".weight").unwrap_or(name);
+        // Row scales of I8/F8E4M3 matrices (w8a8, fp8).
+        match f.tensor(&format!("{stem}.scale")) {
+            Some(s) => m = m.with_row_scale(read(s)?).with_context(|| format!("tensor {name:?}"))?,
+            None if dtype.needs_row_scale() => bail!("{} tensor {name:?} has no {stem}.scale beside it", dtype.name()),
+            None => {}
+        }
+        // LLM.int8() outlier columns written by `tern quantize --method llm-int8`.
         match (f.tensor(&format!("{stem}.outlier_cols")), f.tensor(&format!("{stem}.outlier_weight"))) {
             (None, None) => Ok(m),
             (Some(c), Some(w)) => {
-                let read = |t: &TensorInfo| -> Result<Vec<f32>> {
-                    if t.dtype != crate::kernels::DType::F32 {
-                        bail!("tensor {:?} should be f32", t.name);
-                    }
-                    Ok(f.map()[t.offset..t.offset + t.n_bytes]
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect())
-                };
                 let cols = read(c)?.iter().map(|&v| v as usize).collect();
                 m.with_outliers(Outliers { cols, w: read(w)? }).with_context(|| format!("tensor {name:?}"))
             }

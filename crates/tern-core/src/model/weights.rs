@@ -34,6 +34,9 @@ pub struct Matrix {
     pub bytes: Bytes,
     /// LLM.int8()-style outlier input channels, multiplied apart in f32 (zero in `bytes`).
     pub outliers: Option<Arc<Outliers>>,
+    /// I8/F8E4M3 matrices: the stored values times these are the weights (one per row, or
+    /// one for the whole matrix).
+    pub row_scale: Option<Arc<Vec<f32>>>,
 }
 
 /// Input channels whose activations are too large for int8: their weight columns are kept in
@@ -64,7 +67,27 @@ impl Matrix {
         if got != expected {
             bail!("{rows}×{cols} {} matrix needs {expected} bytes, got {got}", dtype.name());
         }
-        Ok(Matrix { dtype, rows, cols, bytes, outliers: None })
+        Ok(Matrix { dtype, rows, cols, bytes, outliers: None, row_scale: None })
+    }
+
+    /// Attaches the scales of an I8/F8E4M3 matrix (`rows` of them, or one per tensor).
+    pub fn with_row_scale(mut self, scale: Vec<f32>) -> Result<Self> {
+        if !self.dtype.needs_row_scale() {
+            bail!("a {} matrix takes no row scales", self.dtype.name());
+        }
+        if scale.len() != self.rows && scale.len() != 1 {
+            bail!("{} scales for a matrix of {} rows (need one per row, or one)", scale.len(), self.rows);
+        }
+        if let Some(s) = scale.iter().find(|s| !s.is_finite()) {
+            bail!("row scale {s} is not finite");
+        }
+        self.row_scale = Some(Arc::new(scale));
+        Ok(self)
+    }
+
+    /// The scale of row `r` (1 without scales).
+    pub fn scale_of(&self, r: usize) -> f32 {
+        self.row_scale.as_ref().map_or(1.0, |s| if s.len() == 1 { s[0] } else { s[r] })
     }
 
     pub fn data(&self) -> &[u8] {
@@ -74,7 +97,12 @@ impl Matrix {
     /// One row as f32 (embedding lookup).
     pub fn row_f32(&self, row: usize, out: &mut [f32]) -> Result<()> {
         let rb = self.dtype.row_bytes(self.cols)?;
-        crate::kernels::dequantize_row(self.dtype, &self.data()[row * rb..(row + 1) * rb], out)
+        crate::kernels::dequantize_row(self.dtype, &self.data()[row * rb..(row + 1) * rb], out)?;
+        if self.row_scale.is_some() {
+            let s = self.scale_of(row);
+            out.iter_mut().for_each(|v| *v *= s);
+        }
+        Ok(())
     }
 
     /// Attaches outlier columns (the stored matrix must hold zeros in them).
@@ -93,7 +121,9 @@ impl Matrix {
     }
 
     pub fn n_bytes(&self) -> usize {
-        self.data().len() + self.outliers.as_ref().map_or(0, |o| 4 * (o.w.len() + o.cols.len()))
+        self.data().len()
+            + self.outliers.as_ref().map_or(0, |o| 4 * (o.w.len() + o.cols.len()))
+            + self.row_scale.as_ref().map_or(0, |s| 4 * s.len())
     }
 
     /// The same matrix as owned f32 (the full-precision baseline of a quantized model).

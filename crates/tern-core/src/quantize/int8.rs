@@ -1,5 +1,6 @@
-//! Per-output-channel symmetric int8: w ≈ s·q with q ∈ −127..=127 and one f16 scale per row,
-//! written as GGUF Q8_0 blocks that all carry their row's scale (so any Q8_0 reader loads it).
+//! Per-output-channel symmetric int8: w ≈ s·q with q ∈ −127..=127 and one scale per row,
+//! written as GGUF Q8_0 blocks that all carry their row's f16 scale (so any Q8_0 reader loads
+//! it; `int8`), or as plain I8 rows with f32 scales beside them (`w8a8`).
 
 use half::f16;
 
@@ -18,4 +19,17 @@ pub fn per_channel_q8_0(w: &[f32], cols: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+/// I8 rows (q as bytes) and their f32 scales s = max|w| / 127.
+pub fn per_channel_i8(w: &[f32], cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(w.len());
+    let mut scales = Vec::with_capacity(w.len() / cols);
+    for row in w.chunks_exact(cols) {
+        let s = row.iter().fold(0f32, |m, &v| m.max(v.abs())) / 127.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        q.extend(row.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8));
+        scales.push(s);
+    }
+    (q, scales)
 }

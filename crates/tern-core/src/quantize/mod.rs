@@ -5,7 +5,12 @@
 //!
 //! Methods and their stored encodings:
 //! - `f32`, `f16`: the dequantized weights (the full-precision baseline and its f16 rounding);
-//! - `int8`: per-output-channel symmetric int8 (one scale per row), as Q8_0 blocks;
+//! - `int8`: per-output-channel symmetric int8 (one scale per row), as Q8_0 blocks (the CPU
+//!   multiplies them with activations quantized per 32 values, as llama.cpp does);
+//! - `w8a8`: the same int8 rows as I8 with f32 row scales (`<name>.scale`), multiplied with
+//!   activations quantized per token (one scale per row of x): one integer dot per output;
+//! - `fp8`: FP8 E4M3 codes (stored as I8; `tern.quantize.method` says so) with a scale per
+//!   row or per tensor (`<name>.scale`);
 //! - `llm-int8`: LLM.int8()'s mixed decomposition: input channels whose calibration
 //!   activations reach the outlier threshold keep their weight columns in f32 (extra tensors
 //!   `<name>.outlier_cols` / `.outlier_weight`), the rest is per-channel int8;
@@ -14,6 +19,7 @@
 
 pub mod awq;
 pub mod calib;
+pub mod fp8;
 pub mod gptq;
 pub mod int4;
 pub mod int8;
@@ -33,7 +39,9 @@ pub enum Method {
     F32,
     F16,
     Int8,
+    W8a8,
     LlmInt8,
+    Fp8,
     Int4Rtn,
     Gptq,
     Awq,
@@ -45,7 +53,9 @@ impl Method {
             Method::F32 => "f32",
             Method::F16 => "f16",
             Method::Int8 => "int8",
+            Method::W8a8 => "w8a8",
             Method::LlmInt8 => "llm-int8",
+            Method::Fp8 => "fp8",
             Method::Int4Rtn => "int4-rtn",
             Method::Gptq => "gptq",
             Method::Awq => "awq",
@@ -56,7 +66,7 @@ impl Method {
         match self {
             Method::F32 => 32,
             Method::F16 => 16,
-            Method::Int8 | Method::LlmInt8 => 8,
+            Method::Int8 | Method::W8a8 | Method::LlmInt8 | Method::Fp8 => 8,
             Method::Int4Rtn | Method::Gptq | Method::Awq => 4,
         }
     }
@@ -70,17 +80,21 @@ impl Method {
             Method::F32 => DType::F32,
             Method::F16 => DType::F16,
             Method::Int8 | Method::LlmInt8 => DType::Q8_0,
+            Method::W8a8 => DType::I8,
+            Method::Fp8 => DType::F8E4M3,
             Method::Int4Rtn | Method::Gptq | Method::Awq => DType::Q4_1,
         }
     }
 
-    /// llama.cpp's general.file_type of a model whose layers are in this encoding.
-    fn file_type(self) -> u32 {
+    /// llama.cpp's general.file_type of a model whose layers are in this encoding (none for
+    /// I8/FP8 layers, which llama.cpp has no file type for).
+    fn file_type(self) -> Option<u32> {
         match self.dtype() {
-            DType::F32 => 0,
-            DType::F16 => 1,
-            DType::Q4_1 => 3,
-            _ => 7, // Q8_0
+            DType::F32 => Some(0),
+            DType::F16 => Some(1),
+            DType::Q4_1 => Some(3),
+            DType::Q8_0 => Some(7),
+            _ => None,
         }
     }
 }
@@ -97,6 +111,8 @@ pub struct Options {
     pub awq_rows: usize,
     /// LLM.int8(): activation magnitude from which an input channel is an outlier.
     pub outlier_threshold: f32,
+    /// FP8: one scale for the whole matrix instead of one per output row.
+    pub fp8_per_tensor: bool,
 }
 
 impl Options {
@@ -119,6 +135,8 @@ pub struct Encoded {
     pub bytes: Vec<u8>,
     /// LLM.int8()'s f32 outlier columns.
     pub outliers: Option<Outliers>,
+    /// W8A8/FP8: the scales of the stored rows (one per row, or one).
+    pub row_scale: Option<Vec<f32>>,
     /// ‖Ŵ − W‖² / ‖W‖².
     pub rel_error: f64,
 }
@@ -178,6 +196,7 @@ pub fn encode(
     outlier_cols: &[usize],
 ) -> Result<Encoded> {
     let mut outliers = None;
+    let mut row_scale = None;
     let (bytes, approx): (Vec<u8>, Vec<f32>) = match o.method {
         Method::F32 => (le_bytes(w), w.to_vec()),
         Method::F16 => {
@@ -189,6 +208,18 @@ pub fn encode(
             let mut approx = vec![0f32; rows * cols];
             crate::kernels::dequantize_row(DType::Q8_0, &b, &mut approx)?;
             (b, approx)
+        }
+        Method::W8a8 => {
+            let (q, s) = int8::per_channel_i8(w, cols);
+            let approx = q.iter().enumerate().map(|(e, &b)| b as i8 as f32 * s[e / cols]).collect();
+            row_scale = Some(s);
+            (q, approx)
+        }
+        Method::Fp8 => {
+            let (codes, s) = fp8::e4m3(w, cols, o.fp8_per_tensor);
+            let approx = fp8::dequantize(&codes, &s, cols);
+            row_scale = Some(s);
+            (codes, approx)
         }
         Method::LlmInt8 => {
             let mut rest = w.to_vec();
@@ -223,7 +254,7 @@ pub fn encode(
             (q.to_q4_1(), q.dequantize())
         }
     };
-    Ok(Encoded { rel_error: rel_error(&approx, w), bytes, outliers })
+    Ok(Encoded { rel_error: rel_error(&approx, w), bytes, outliers, row_scale })
 }
 
 /// The calibration a method needs.
@@ -315,25 +346,25 @@ pub fn quantize<'a>(
             };
             let mut e = encode(&mats[i], rows, cols, o, h.as_deref(), &outlier_cols)
                 .with_context(|| format!("blk.{li}.{name}"))?;
+            let stem = format!("blk.{li}.{}", name.trim_end_matches(".weight"));
+            let f32_tensor = |n: String, dims: Vec<u64>, v: &[f32]| OutTensor {
+                name: n,
+                dims,
+                dtype: DType::F32,
+                data: Cow::Owned(le_bytes(v)),
+            };
+            let extras = extra.entry(format!("blk.{li}.{name}")).or_default();
             if let Some(out) = e.outliers.take() {
                 summary.outlier_channels += out.cols.len();
                 summary.stored_bytes += 4 * (out.w.len() + out.cols.len());
-                let stem = format!("blk.{li}.{}", name.trim_end_matches(".weight"));
-                let f32_tensor = |n: String, dims: Vec<u64>, v: &[f32]| OutTensor {
-                    name: n,
-                    dims,
-                    dtype: DType::F32,
-                    data: Cow::Owned(le_bytes(v)),
-                };
                 let idx: Vec<f32> = out.cols.iter().map(|&c| c as f32).collect();
                 let no = out.cols.len() as u64;
-                extra.insert(
-                    format!("blk.{li}.{name}"),
-                    vec![
-                        f32_tensor(format!("{stem}.outlier_cols"), vec![no], &idx),
-                        f32_tensor(format!("{stem}.outlier_weight"), vec![no, rows as u64], &out.w),
-                    ],
-                );
+                extras.push(f32_tensor(format!("{stem}.outlier_cols"), vec![no], &idx));
+                extras.push(f32_tensor(format!("{stem}.outlier_weight"), vec![no, rows as u64], &out.w));
+            }
+            if let Some(s) = e.row_scale.take() {
+                summary.stored_bytes += 4 * s.len();
+                extras.push(f32_tensor(format!("{stem}.scale"), vec![s.len() as u64], &s));
             }
             summary.matrices += 1;
             summary.weights += rows * cols;
@@ -369,13 +400,19 @@ pub fn metadata(src: &GgufFile, o: &Options, calib_tokens: usize) -> Vec<(String
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     meta.sort_by(|a, b| a.0.cmp(&b.0));
-    meta.push(("general.file_type".into(), MetaValue::U32(o.method.file_type())));
+    if let Some(t) = o.method.file_type() {
+        meta.push(("general.file_type".into(), MetaValue::U32(t)));
+    }
     meta.push(("tern.quantize.method".into(), MetaValue::String(o.method.name().into())));
     if o.method.bits() == 4 {
         meta.push(("tern.quantize.group_size".into(), MetaValue::U32(o.group as u32)));
     }
     if o.method.needs_calibration() {
         meta.push(("tern.quantize.calibration_tokens".into(), MetaValue::U64(calib_tokens as u64)));
+    }
+    if o.method == Method::Fp8 {
+        let scale = if o.fp8_per_tensor { "tensor" } else { "channel" };
+        meta.push(("tern.quantize.fp8_scale".into(), MetaValue::String(scale.into())));
     }
     if o.method == Method::Gptq {
         meta.push(("tern.quantize.damp".into(), MetaValue::F32(o.damp as f32)));

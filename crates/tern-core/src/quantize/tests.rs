@@ -95,8 +95,15 @@ fn int8_per_channel_uses_one_scale_per_row() {
     for r in 0..rows {
         assert_eq!(b[r * 68..r * 68 + 2], b[r * 68 + 34..r * 68 + 36], "row {r}: both blocks carry the row scale");
     }
-    let o =
-        Options { method: Method::Int8, group: 128, damp: 0.01, act_order: false, awq_rows: 0, outlier_threshold: 6.0 };
+    let o = Options {
+        method: Method::Int8,
+        group: 128,
+        damp: 0.01,
+        act_order: false,
+        awq_rows: 0,
+        outlier_threshold: 6.0,
+        fp8_per_tensor: false,
+    };
     let e = encode(&w, rows, cols, &o, None, &[]).unwrap();
     assert!(e.rel_error < 1e-4, "int8 error {}", e.rel_error);
 }
@@ -165,10 +172,18 @@ fn bad_options_are_refused() {
         act_order: false,
         awq_rows: 0,
         outlier_threshold: 6.0,
+        fp8_per_tensor: false,
     };
     assert!(o.check().is_err());
-    let o =
-        Options { method: Method::Gptq, group: 128, damp: 1.5, act_order: true, awq_rows: 0, outlier_threshold: 6.0 };
+    let o = Options {
+        method: Method::Gptq,
+        group: 128,
+        damp: 1.5,
+        act_order: true,
+        awq_rows: 0,
+        outlier_threshold: 6.0,
+        fp8_per_tensor: false,
+    };
     assert!(o.check().is_err());
 }
 
@@ -194,7 +209,15 @@ fn llm_int8_beats_naive_int8_on_planted_outliers() {
         (0..n * rows).map(|e| (0..k).map(|c| x[e / rows * k + c] as f64 * w[e % rows * k + c] as f64).sum()).collect();
     let pool = ThreadPool::new(2);
     let run = |method: Method, cols: &[usize]| -> f64 {
-        let o = Options { method, group: 128, damp: 0.01, act_order: false, awq_rows: 0, outlier_threshold: 6.0 };
+        let o = Options {
+            method,
+            group: 128,
+            damp: 0.01,
+            act_order: false,
+            awq_rows: 0,
+            outlier_threshold: 6.0,
+            fp8_per_tensor: false,
+        };
         let e = encode(&w, rows, k, &o, None, cols).unwrap();
         let mut m = Matrix::new(DType::Q8_0, rows, k, Bytes::Owned(Arc::new(e.bytes))).unwrap();
         if let Some(out) = e.outliers {
@@ -208,4 +231,69 @@ fn llm_int8_beats_naive_int8_on_planted_outliers() {
     let mixed = run(Method::LlmInt8, &found);
     eprintln!("output error: naive int8 {naive:.4e}, LLM.int8 {mixed:.4e}");
     assert!(mixed < 0.25 * naive, "LLM.int8 {mixed:e} vs naive int8 {naive:e}");
+}
+
+#[test]
+fn w8a8_and_fp8_round_trip_and_multiply_through_the_decoder() {
+    use crate::model::weights::{Bytes, Matrix};
+    use std::sync::Arc;
+    let mut rng = Rng::new(8);
+    let (rows, k, n) = (24, 192, 5);
+    // Rows 2⁻¹² .. 2¹¹ in magnitude: a scale per row matters.
+    let w: Vec<f32> = (0..rows * k).map(|e| rng.normal() * 2f32.powi((e / k) as i32 - 12)).collect();
+    let x = randn(&mut rng, n * k, 1.0);
+    let pool = ThreadPool::new(2);
+    let worst_row_error = |approx: &[f32]| {
+        (0..rows).map(|r| rel_error(&approx[r * k..(r + 1) * k], &w[r * k..(r + 1) * k])).fold(0f64, f64::max)
+    };
+    for (method, per_tensor, dtype, max_row_err) in [
+        (Method::W8a8, false, DType::I8, 1e-4),
+        (Method::Fp8, false, DType::F8E4M3, 3e-3),
+        (Method::Fp8, true, DType::F8E4M3, 1.0),
+    ] {
+        let o = Options {
+            method,
+            group: 128,
+            damp: 0.01,
+            act_order: false,
+            awq_rows: 0,
+            outlier_threshold: 6.0,
+            fp8_per_tensor: per_tensor,
+        };
+        let e = encode(&w, rows, k, &o, None, &[]).unwrap();
+        let scale = e.row_scale.clone().unwrap();
+        assert_eq!(scale.len(), if per_tensor { 1 } else { rows });
+        let m = Matrix::new(dtype, rows, k, Bytes::Owned(Arc::new(e.bytes))).unwrap().with_row_scale(scale).unwrap();
+        // Unpacking the stored matrix gives exactly the weights the error was measured on.
+        let back = f32s(&m).unwrap();
+        assert!((rel_error(&back, &w) - e.rel_error).abs() <= 1e-12, "{method:?}");
+        let worst = worst_row_error(&back);
+        eprintln!(
+            "{} (per tensor {per_tensor}): relative error {:.3e}, worst row {worst:.3e}",
+            method.name(),
+            e.rel_error
+        );
+        if per_tensor {
+            assert!(worst > 0.5, "one scale for rows 2²³ apart flushes the small ones, got {worst}");
+        } else {
+            assert!(worst < max_row_err, "{method:?}: worst row error {worst}");
+        }
+        // The decoder's product (I8: activations quantized per token) against f32 on `back`.
+        let y = crate::model::decoder::project(&pool, &m, &x, n).unwrap();
+        for t in 0..n {
+            let xt = &x[t * k..(t + 1) * k];
+            let amax = xt.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for r in 0..rows {
+                let wr = &back[r * k..(r + 1) * k];
+                let exact: f32 = wr.iter().zip(xt).map(|(a, b)| a * b).sum();
+                let abs_w: f32 = wr.iter().map(|a| a.abs()).sum();
+                let tol = if dtype == DType::I8 { 0.5 * amax / 127.0 * abs_w } else { 0.0 } + 1e-4 * abs_w;
+                assert!(
+                    (y[t * rows + r] - exact).abs() <= tol,
+                    "{method:?} t {t} r {r}: {} vs {exact}",
+                    y[t * rows + r]
+                );
+            }
+        }
+    }
 }

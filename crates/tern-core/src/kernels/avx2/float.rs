@@ -1,5 +1,5 @@
-//! AVX2 kernels for F32/F16/BF16 weights against f32 activations: FMA, converting weights on
-//! the fly (F16C for f16, a 16-bit shift for bf16).
+//! AVX2 kernels for F32/F16/BF16/F8E4M3 weights against f32 activations: FMA, converting
+//! weights on the fly (F16C for f16, a 16-bit shift for bf16, shifts into f16 bits for E4M3).
 
 use super::util::{dispatch_rc, hsum};
 use crate::kernels::blocks::{bf16_to_f32, f16_to_f32};
@@ -17,6 +17,7 @@ pub(crate) trait FloatW {
 pub(crate) struct F32;
 pub(crate) struct F16;
 pub(crate) struct BF16;
+pub(crate) struct F8E4M3;
 
 impl FloatW for F32 {
     const BYTES: usize = 4;
@@ -58,6 +59,24 @@ impl FloatW for BF16 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load1(p: *const u8, j: usize) -> f32 {
         bf16_to_f32(std::ptr::read_unaligned(p.add(2 * j) as *const u16))
+    }
+}
+
+impl FloatW for F8E4M3 {
+    const BYTES: usize = 1;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const u8, j: usize) -> __m256 {
+        // kernels::e4m3_to_f16_bits_scaled on 8 codes, then the 2⁸ back.
+        let b = _mm_cvtepu8_epi16(_mm_loadl_epi64(p.add(j) as *const __m128i));
+        let sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
+        let em = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7);
+        _mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(sign, em)), _mm256_set1_ps(crate::kernels::E4M3_F16_SCALE))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load1(p: *const u8, j: usize) -> f32 {
+        crate::kernels::e4m3_to_f32(*p.add(j))
     }
 }
 

@@ -5,6 +5,7 @@
 #![allow(clippy::needless_range_loop)]
 
 mod float;
+mod i8row;
 mod kquants;
 mod q32;
 pub(crate) mod quantize;
@@ -46,6 +47,8 @@ pub(crate) fn kernel(dtype: DType, level: CpuLevel) -> Option<Kernel> {
         DType::F32 => k(float::tile::<float::F32>, 4, 2),
         DType::F16 => k(float::tile::<float::F16>, 4, 2),
         DType::BF16 => k(float::tile::<float::BF16>, 4, 2),
+        DType::F8E4M3 => k(float::tile::<float::F8E4M3>, 4, 2),
+        DType::I8 => k(if vnni { i8row::vnni::tile } else { i8row::avx2::tile }, 4, 3),
         _ => return None,
     })
 }
