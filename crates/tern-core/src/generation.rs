@@ -20,6 +20,9 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
     /// Number of top alternatives to report per token (None: no logprobs).
     pub logprobs: Option<usize>,
+    /// Most tokens speculative decoding may propose per step for this request (Some(0): none;
+    /// None: the engine's setting, which also caps this).
+    pub num_speculative_tokens: Option<usize>,
 }
 
 impl GenerateRequest {
@@ -32,6 +35,7 @@ impl GenerateRequest {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            num_speculative_tokens: None,
         }
     }
 }

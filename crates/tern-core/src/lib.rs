@@ -12,5 +12,6 @@ pub mod perplexity;
 pub mod quantize;
 pub mod rng;
 pub mod sampling;
+pub mod speculative;
 pub mod stop;
 pub mod tokenizer;

@@ -85,6 +85,7 @@ pub struct Sampler {
     /// Every token seen, prompt included (for the repetition penalty).
     seen: Vec<bool>,
     candidates: Vec<(u32, f32)>,
+    dist: Vec<(u32, f64)>,
 }
 
 impl Sampler {
@@ -99,7 +100,14 @@ impl Sampler {
                 *s = true;
             }
         }
-        Ok(Sampler { params, rng: Rng::new(seed), counts: HashMap::new(), seen, candidates: Vec::new() })
+        Ok(Sampler {
+            params,
+            rng: Rng::new(seed),
+            counts: HashMap::new(),
+            seen,
+            candidates: Vec::new(),
+            dist: Vec::new(),
+        })
     }
 
     /// Records a generated token (for penalties).
@@ -118,10 +126,24 @@ impl Sampler {
 
     /// Picks the next token; `logits` are modified in place (penalties, temperature).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        if self.params.is_greedy() {
+            self.apply_penalties(logits);
+            return argmax(logits);
+        }
+        let r = self.rng.next_f32() as f64;
+        draw(self.distribution(logits), r)
+    }
+
+    /// The distribution the next token is drawn from: penalties, temperature, top-k, min-p and
+    /// top-p applied, as (token, probability) summing to 1 (one token with probability 1 when
+    /// greedy). `logits` are modified in place.
+    pub fn distribution(&mut self, logits: &mut [f32]) -> &[(u32, f64)] {
         self.apply_penalties(logits);
+        self.dist.clear();
         let p = &self.params;
         if p.is_greedy() {
-            return argmax(logits);
+            self.dist.push((argmax(logits), 1.0));
+            return &self.dist;
         }
         let inv_t = 1.0 / p.temperature;
         let c = &mut self.candidates;
@@ -163,16 +185,19 @@ impl Sampler {
             }
             c.truncate(keep);
         }
-        let weights_total: f64 = c.iter().map(|x| ((x.1 - max) as f64).exp()).sum();
-        let mut r = self.rng.next_f32() as f64 * weights_total;
-        for &(id, l) in c.iter() {
-            let w = ((l - max) as f64).exp();
-            if r < w {
-                return id;
-            }
-            r -= w;
-        }
-        c.last().map_or(0, |x| x.0)
+        let total: f64 = c.iter().map(|x| ((x.1 - max) as f64).exp()).sum();
+        self.dist.extend(c.iter().map(|&(id, l)| (id, ((l - max) as f64).exp() / total)));
+        &self.dist
+    }
+
+    /// The sampling settings.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// A uniform number in [0, 1) from this request's generator (speculative acceptance tests).
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.next_f32() as f64
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -190,6 +215,18 @@ impl Sampler {
             }
         }
     }
+}
+
+/// The token at cumulative probability `r` ∈ [0, 1) of `dist` (the last one if rounding leaves
+/// `r` past the end).
+pub fn draw(dist: &[(u32, f64)], mut r: f64) -> u32 {
+    for &(id, p) in dist {
+        if r < p {
+            return id;
+        }
+        r -= p;
+    }
+    dist.last().map_or(0, |x| x.0)
 }
 
 /// Index of the largest logit (the lowest index on ties).

@@ -184,6 +184,12 @@ impl Tokenizer {
     pub fn is_stop_token(&self, id: u32) -> bool {
         self.stop_tokens.contains(&id)
     }
+
+    /// Whether both map every token text to the same id (added tokens included): a draft
+    /// model's proposals mean the same to the target only then.
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
 }
 
 /// Turns a token stream into text deltas that never split a UTF-8 character: text is held

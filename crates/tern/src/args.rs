@@ -8,6 +8,7 @@ use tern_core::engine::{Device, EngineConfig, DEFAULT_BLOCK_SIZE};
 use tern_core::kernels::DType;
 use tern_core::model::{self, LoadedModel, ModelSource, Weights};
 use tern_core::sampling::SamplingParams;
+use tern_core::speculative::{Proposer, SpeculativeConfig};
 use tern_core::tokenizer::Tokenizer;
 
 #[derive(Args, Debug, Clone)]
@@ -202,10 +203,85 @@ pub struct EngineArgs {
     /// position and KV head.
     #[arg(long, default_value = "f32")]
     pub kv_cache_dtype: String,
+    /// Speculative decoding: ngram (prompt lookup), draft (a smaller model, --draft-model) or
+    /// early-exit (the model's first --early-exit-layers layers propose). CPU only.
+    #[arg(long, value_enum)]
+    pub speculative: Option<SpeculativeArg>,
+    /// The draft model of --speculative draft (a model key or .gguf; same tokenizer).
+    #[arg(long)]
+    pub draft_model: Option<String>,
+    /// Most tokens proposed per sequence and step.
+    #[arg(long, default_value_t = 4)]
+    pub num_speculative_tokens: usize,
+    /// Keep the number of proposed tokens fixed instead of adapting it to each sequence's
+    /// acceptance.
+    #[arg(long)]
+    pub no_adaptive_speculation: bool,
+    /// Layers of the early-exit proposer (--speculative early-exit).
+    #[arg(long)]
+    pub early_exit_layers: Option<usize>,
+    /// Longest n-gram the ngram proposer matches.
+    #[arg(long, default_value_t = 3)]
+    pub prompt_lookup_max: usize,
+    /// Shortest n-gram the ngram proposer matches.
+    #[arg(long, default_value_t = 1)]
+    pub prompt_lookup_min: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpeculativeArg {
+    Ngram,
+    Draft,
+    EarlyExit,
 }
 
 impl EngineArgs {
-    pub fn config(&self, n_threads: usize, device: Device) -> Result<EngineConfig> {
+    /// The speculative decoding settings (loading the draft model), checked against the target.
+    pub fn speculative(&self, target_tokenizer: Option<&Tokenizer>) -> Result<Option<SpeculativeConfig>> {
+        let Some(kind) = self.speculative else {
+            if self.draft_model.is_some() || self.early_exit_layers.is_some() {
+                bail!("--draft-model and --early-exit-layers need --speculative draft / early-exit");
+            }
+            return Ok(None);
+        };
+        if kind != SpeculativeArg::Draft && self.draft_model.is_some() {
+            bail!("--draft-model applies to --speculative draft only");
+        }
+        if kind != SpeculativeArg::EarlyExit && self.early_exit_layers.is_some() {
+            bail!("--early-exit-layers applies to --speculative early-exit only");
+        }
+        let proposer = match kind {
+            SpeculativeArg::Ngram => Proposer::Ngram { min_n: self.prompt_lookup_min, max_n: self.prompt_lookup_max },
+            SpeculativeArg::EarlyExit => Proposer::EarlyExit {
+                layers: self.early_exit_layers.context("--speculative early-exit needs --early-exit-layers N")?,
+            },
+            SpeculativeArg::Draft => {
+                let key = self.draft_model.as_deref().context("--speculative draft needs --draft-model")?;
+                let draft = ModelArgs {
+                    model: key.to_string(),
+                    dummy_dtype: "q8_0".into(),
+                    threads: None,
+                    device: "cpu".into(),
+                    tokenizer: None,
+                };
+                let loaded = draft.load().with_context(|| format!("loading the draft model {key}"))?;
+                if let (Some(t), Some(d)) = (target_tokenizer, &loaded.tokenizer) {
+                    if !t.same_vocabulary(d) {
+                        bail!("the draft model {key} has a different tokenizer than the target model");
+                    }
+                }
+                Proposer::Draft(Box::new(loaded.weights))
+            }
+        };
+        Ok(Some(SpeculativeConfig {
+            proposer,
+            num_tokens: self.num_speculative_tokens,
+            adaptive: !self.no_adaptive_speculation,
+        }))
+    }
+
+    /// The engine settings; `tokenizer` is the target model's (a draft model must match it).
+    pub fn config(&self, n_threads: usize, device: Device, tokenizer: Option<&Tokenizer>) -> Result<EngineConfig> {
         for (name, v) in [
             ("--max-num-seqs", self.max_num_seqs),
             ("--max-num-batched-tokens", self.max_num_batched_tokens),
@@ -224,6 +300,7 @@ impl EngineArgs {
             kv_cache_dtype: tern_core::model::kv_cache::KvDtype::parse(&self.kv_cache_dtype)?,
             n_threads,
             device,
+            speculative: self.speculative(tokenizer)?,
         })
     }
 }

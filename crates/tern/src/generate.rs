@@ -107,9 +107,9 @@ pub fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
         bail!("--logprobs must be at most {MAX_TOP_LOGPROBS}");
     }
-    let engine_config = a.engine.config(a.model.threads()?, a.model.device()?)?;
     let (weights, tok) = a.model.weights()?;
     let tok = tok.context("this model has no tokenizer: generate needs one (see --tokenizer)")?;
+    let engine_config = a.engine.config(a.model.threads()?, a.model.device()?, Some(&tok))?;
     let prompt_ids = if a.chat {
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
@@ -165,7 +165,7 @@ pub fn run_chat(a: ChatArgs) -> Result<()> {
     let (weights, tok) = a.model.weights()?;
     let tok = tok.context("this model has no tokenizer: chat needs one (see --tokenizer)")?;
     chat_template(&tok)?;
-    let engine_config = a.engine.config(a.model.threads()?, a.model.device()?)?;
+    let engine_config = a.engine.config(a.model.threads()?, a.model.device()?, Some(&tok))?;
     // Each turn re-sends the whole conversation; the prefix cache keeps the earlier turns' KV.
     let engine = EngineHandle::start(weights, Some(tok.clone()), engine_config)?;
     let system: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();

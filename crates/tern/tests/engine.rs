@@ -74,6 +74,7 @@ fn config(kv_bytes: u64, max_batched: usize, block_size: usize) -> EngineConfig 
         kv_cache_dtype: KvDtype::F32,
         n_threads: 2,
         device: Device::Cpu,
+        speculative: None,
     }
 }
 

@@ -12,6 +12,8 @@ use crate::generation::{FinishReason, GenerateRequest};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{LogitsFor, SeqChunk};
 use crate::model::Weights;
+use crate::speculative::drafter::{DraftRequest, Drafter};
+use crate::speculative::{ngram, Proposer, SpecState, SpeculativeConfig};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use std::sync::atomic::Ordering::Relaxed;
@@ -25,6 +27,7 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
     pub kv_tokens: usize,
+    pub speculative: bool,
 }
 
 impl Limits {
@@ -66,6 +69,12 @@ impl Limits {
         if let Err(e) = req.sampling.validate() {
             return Err(SubmitError::invalid(None, e.to_string()));
         }
+        if req.num_speculative_tokens.is_some_and(|k| k > 0) && !self.speculative {
+            return Err(SubmitError::invalid(
+                Some("num_speculative_tokens"),
+                "this engine runs without speculative decoding (start it with --speculative)",
+            ));
+        }
         if req.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
             return Err(SubmitError::invalid(
                 Some("top_logprobs"),
@@ -84,6 +93,9 @@ pub(crate) struct Engine {
     metrics: Arc<Metrics>,
     block_size: usize,
     out: StepOutput,
+    spec: Option<SpeculativeConfig>,
+    /// The draft model (or the target's first layers) of `draft` / `early-exit` speculation.
+    drafter: Option<Drafter>,
 }
 
 impl Engine {
@@ -97,6 +109,28 @@ impl Engine {
     ) -> Result<Self> {
         if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
             bail!("block size, max_num_seqs and max_num_batched_tokens must be at least 1");
+        }
+        // Speculation reads the target's weights on the host (early exit shares them).
+        let weights = match (&cfg.speculative, cfg.device) {
+            (Some(_), Device::Cpu) => Weights::Host(weights.into_host()?),
+            _ => weights,
+        };
+        let mut drafter = None;
+        if let Some(spec) = &cfg.speculative {
+            if cfg.device != Device::Cpu {
+                bail!("speculative decoding runs on the CPU only for now (the CUDA runner returns last-position logits only)");
+            }
+            let Weights::Host(target) = &weights else {
+                bail!("speculative decoding needs the model's weights on the host")
+            };
+            spec.check(target)?;
+            drafter = match &spec.proposer {
+                Proposer::Ngram { .. } => None,
+                Proposer::Draft(w) => Some(Drafter::new((**w).clone(), cfg.n_threads)),
+                Proposer::EarlyExit { layers } => {
+                    Some(Drafter::new(Drafter::truncated(target, *layers), cfg.n_threads))
+                }
+            };
         }
         let runner: Box<dyn Runner> = match cfg.device {
             Device::Cpu => Box::new(CpuRunner::new(weights.into_host()?, &cfg)?),
@@ -117,6 +151,8 @@ impl Engine {
             metrics,
             block_size: cfg.block_size,
             out: StepOutput::default(),
+            spec: cfg.speculative.clone(),
+            drafter,
         })
     }
 
@@ -129,7 +165,7 @@ impl Engine {
     }
 
     pub(crate) fn limits(&self) -> Limits {
-        Limits { kv_tokens: self.runner.n_blocks() * self.block_size }
+        Limits { kv_tokens: self.runner.n_blocks() * self.block_size, speculative: self.spec.is_some() }
     }
 
     /// The engine thread: runs until shut down (after draining) or every handle is gone.
@@ -167,7 +203,14 @@ impl Engine {
                 let vocab = self.runner.config().vocab_size;
                 let reply = events.clone();
                 match Sequence::new(id, *req, vocab, events) {
-                    Ok(seq) => self.sched.waiting.push_back(seq),
+                    Ok(mut seq) => {
+                        if let Some(spec) = &self.spec {
+                            let k =
+                                seq.request().num_speculative_tokens.unwrap_or(spec.num_tokens).min(spec.num_tokens);
+                            seq.spec = (k > 0).then(|| SpecState::new(k, spec.adaptive));
+                        }
+                        self.sched.waiting.push_back(seq)
+                    }
                     Err(e) => {
                         let _ = reply.send(super::Event::Error(format!("{e:#}")));
                     }
@@ -201,6 +244,9 @@ impl Engine {
         let Some(mut seq) = self.sched.take(id) else { return };
         seq.finish(reason, self.tokenizer.as_deref());
         seq.free_blocks(&mut self.blocks);
+        if let Some(d) = &mut self.drafter {
+            d.remove(id);
+        }
         let counter = match reason {
             FinishReason::Stop => &self.metrics.requests_stop,
             FinishReason::Length => &self.metrics.requests_length,
@@ -213,6 +259,9 @@ impl Engine {
         let Some(mut seq) = self.sched.take(id) else { return };
         seq.fail(message);
         seq.free_blocks(&mut self.blocks);
+        if let Some(d) = &mut self.drafter {
+            d.remove(id);
+        }
         self.metrics.requests_error.fetch_add(1, Relaxed);
     }
 
@@ -222,25 +271,103 @@ impl Engine {
         self.metrics.step_micros.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
     }
 
+    /// Proposes tokens for every decoding sequence that speculates. A drafter failure only
+    /// turns speculation off for this step.
+    fn propose(&mut self) {
+        let Some(spec) = &self.spec else { return };
+        let started = std::time::Instant::now();
+        let max_context = self.runner.config().max_context;
+        let mut asks = Vec::new();
+        for seq in &mut self.sched.running {
+            seq.proposal.clear();
+            let Some(state) = &seq.spec else { continue };
+            if seq.remaining() != 1 {
+                continue;
+            }
+            let req = seq.request();
+            // Tokens past max_tokens (or the context) would be thrown away.
+            let left = req.max_tokens.saturating_sub(seq.n_output() + 1);
+            let room = max_context.saturating_sub(seq.tokens.len() + 1);
+            let k = state.k.min(left).min(room);
+            if k == 0 {
+                continue;
+            }
+            match &spec.proposer {
+                Proposer::Ngram { min_n, max_n } => {
+                    seq.proposal.tokens = ngram::propose(&seq.tokens, *min_n, *max_n, k);
+                    seq.proposal.q = vec![None; seq.proposal.tokens.len()];
+                }
+                _ => asks.push((seq.id, k, (seq.n_prompt + req.max_tokens + 1).min(max_context))),
+            }
+        }
+        if let Some(drafter) = &mut self.drafter {
+            let mut proposals: Vec<(u64, crate::speculative::Proposal)> =
+                asks.iter().map(|&(id, _, _)| (id, Default::default())).collect();
+            let mut reqs: Vec<DraftRequest> = Vec::with_capacity(asks.len());
+            for ((id, k, capacity), (_, out)) in asks.iter().zip(proposals.iter_mut()) {
+                let seq = self.sched.running.iter().find(|s| s.id == *id).expect("running");
+                reqs.push(DraftRequest {
+                    id: *id,
+                    tokens: &seq.tokens,
+                    k: *k,
+                    capacity: *capacity,
+                    sampling: &seq.request().sampling,
+                    out,
+                });
+            }
+            let result = drafter.propose(&mut reqs);
+            drop(reqs);
+            if result.is_ok() {
+                for (id, p) in proposals {
+                    if let Some(seq) = self.sched.running.iter_mut().find(|s| s.id == id) {
+                        seq.proposal = p;
+                    }
+                }
+            }
+        }
+        self.metrics.spec_propose_micros.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+    }
+
     fn step_inner(&mut self) {
+        self.propose();
         let scheduled = self.sched.schedule(&mut self.blocks, &self.metrics);
         self.update_gauges();
         if scheduled.is_empty() {
             return;
         }
         self.metrics.steps.fetch_add(1, Relaxed);
-        let running = &self.sched.running;
         let index: Vec<usize> = scheduled
             .iter()
-            .map(|s| running.iter().position(|r| r.id == s.id).expect("scheduled is running"))
+            .map(|s| self.sched.running.iter().position(|r| r.id == s.id).expect("scheduled is running"))
             .collect();
+        // Proposals not scheduled this step are dropped (proposed afresh next step).
+        let verifying: Vec<bool> = index.iter().map(|&i| !self.sched.running[i].proposal.tokens.is_empty()).collect();
+        for (i, seq) in self.sched.running.iter_mut().enumerate() {
+            if !index.contains(&i) {
+                seq.proposal.clear();
+            }
+        }
+        for (&i, &v) in index.iter().zip(&verifying) {
+            if v {
+                let seq = &mut self.sched.running[i];
+                seq.verify_tokens.clear();
+                seq.verify_tokens.push(*seq.tokens.last().expect("a decode has tokens"));
+                seq.verify_tokens.extend_from_slice(&seq.proposal.tokens);
+            }
+        }
+        let running = &self.sched.running;
         let chunks: Vec<SeqChunk> = scheduled
             .iter()
             .zip(&index)
+            .zip(&verifying)
             .enumerate()
-            .map(|(k, (s, &i))| {
+            .map(|(k, ((s, &i), &v))| {
                 let seq = &running[i];
                 let (from, to) = (seq.num_computed, seq.num_computed + s.n_new);
+                if v {
+                    debug_assert_eq!(seq.verify_tokens.len(), s.n_new);
+                    return SeqChunk { seq: k, tokens: &seq.verify_tokens, pos0: from, logits: Some(LogitsFor::All) };
+                }
                 SeqChunk {
                     seq: k,
                     tokens: &seq.tokens[from..to],
@@ -267,9 +394,20 @@ impl Engine {
             return;
         }
         let vocab = self.runner.config().vocab_size;
-        let mut rows = self.out.rows.iter();
+        // Taken out while sequences read the logits (put back for the next step's reuse).
+        let out_rows = std::mem::take(&mut self.out.rows);
+        let mut rows = out_rows.iter();
         let mut ended = Vec::new();
-        for ((s, &i), wants) in scheduled.iter().zip(&index).zip(wants_logits) {
+        for (((s, &i), wants), v) in scheduled.iter().zip(&index).zip(wants_logits).zip(verifying) {
+            if v {
+                let outcome = self.verify(i, s.n_new, &mut rows);
+                match outcome {
+                    Ok(Some(reason)) => ended.push((s.id, Ok(reason))),
+                    Ok(None) => {}
+                    Err(e) => ended.push((s.id, Err(format!("{e:#}")))),
+                }
+                continue;
+            }
             let seq = &mut self.sched.running[i];
             let prompt_part = (seq.num_computed + s.n_new).min(seq.n_prompt).saturating_sub(seq.num_computed);
             self.metrics.prefill_tokens_computed.fetch_add(prompt_part as u64, Relaxed);
@@ -291,6 +429,7 @@ impl Engine {
                 Err(e) => ended.push((s.id, Err(format!("{e:#}")))),
             }
         }
+        self.out.rows = out_rows;
         for (id, outcome) in ended {
             match outcome {
                 Ok(reason) => self.end(id, reason),
@@ -298,6 +437,44 @@ impl Engine {
             }
         }
         self.update_gauges();
+    }
+
+    /// Checks running sequence `i`'s proposal against its `n` logits rows (the last token and
+    /// each proposed token), keeps what the rule accepts, and rolls the rest back: the rejected
+    /// positions' blocks go back to the pool and the drafter forgets what no longer matches.
+    fn verify(&mut self, i: usize, n: usize, rows: &mut std::slice::Iter<'_, Row>) -> Result<Option<FinishReason>> {
+        let vocab = self.runner.config().vocab_size;
+        let first = match rows.next() {
+            Some(&Row::Logits(r)) => r,
+            _ => bail!("the runner returned no logits rows for a verification"),
+        };
+        for j in 1..n {
+            if rows.next() != Some(&Row::Logits(first + j)) {
+                bail!("the runner returned fewer logits rows than a verification needs");
+            }
+        }
+        let seq = &mut self.sched.running[i];
+        let proposed = seq.proposal.tokens.clone();
+        let logits = &mut self.out.logits[first * vocab..(first + n) * vocab];
+        let (accepted, reason) = seq.on_verify(logits, vocab, self.tokenizer.as_deref(), &self.metrics)?;
+        let m = &self.metrics;
+        m.spec_verifications.fetch_add(1, Relaxed);
+        m.spec_proposed_tokens.fetch_add(proposed.len() as u64, Relaxed);
+        m.spec_accepted_tokens.fetch_add(accepted as u64, Relaxed);
+        if reason.is_some() {
+            return Ok(reason);
+        }
+        // The last token and the accepted proposals are computed; the rejected ones' K/V is
+        // garbage past num_computed that the next step overwrites.
+        seq.advance(1 + accepted, &mut self.blocks, self.block_size);
+        seq.release_unneeded_blocks(&mut self.blocks, self.block_size);
+        if let Some(state) = &mut seq.spec {
+            state.update(proposed.len(), accepted);
+        }
+        if let Some(d) = &mut self.drafter {
+            d.rollback(seq.id, &seq.tokens, &proposed, accepted);
+        }
+        Ok(None)
     }
 
     fn update_gauges(&self) {

@@ -66,6 +66,12 @@ pub struct Metrics {
     pub waiting: AtomicU64,
     pub kv_blocks_used: AtomicU64,
     pub kv_blocks_total: AtomicU64,
+    /// Speculative decoding: verification passes (sequence-steps with proposed tokens).
+    pub spec_verifications: AtomicU64,
+    pub spec_proposed_tokens: AtomicU64,
+    pub spec_accepted_tokens: AtomicU64,
+    /// Time spent proposing (n-gram lookup or the drafter's passes).
+    pub spec_propose_micros: AtomicU64,
     ttft: Mutex<Histogram>,
     itl: Mutex<Histogram>,
 }
@@ -91,6 +97,10 @@ impl Default for Metrics {
             waiting: z(),
             kv_blocks_used: z(),
             kv_blocks_total: z(),
+            spec_verifications: z(),
+            spec_proposed_tokens: z(),
+            spec_accepted_tokens: z(),
+            spec_propose_micros: z(),
             ttft: Mutex::new(Histogram::new(TTFT_BUCKETS)),
             itl: Mutex::new(Histogram::new(ITL_BUCKETS)),
         }
@@ -164,6 +174,44 @@ impl Metrics {
             "counter",
             "Time spent in forward passes (within engine steps).",
             secs(&self.forward_micros),
+        );
+        one(
+            "spec_decode_num_verifications_total",
+            "counter",
+            "Speculative decoding: sequence-steps that verified proposed tokens.",
+            g(&self.spec_verifications),
+        );
+        one(
+            "spec_decode_num_draft_tokens_total",
+            "counter",
+            "Speculative decoding: tokens proposed.",
+            g(&self.spec_proposed_tokens),
+        );
+        one(
+            "spec_decode_num_accepted_tokens_total",
+            "counter",
+            "Speculative decoding: proposed tokens accepted by the target model.",
+            g(&self.spec_accepted_tokens),
+        );
+        let (p, a) = (g(&self.spec_proposed_tokens), g(&self.spec_accepted_tokens));
+        one(
+            "spec_decode_acceptance_rate",
+            "gauge",
+            "Speculative decoding: accepted / proposed tokens.",
+            if p > 0.0 { a / p } else { 0.0 },
+        );
+        let v = g(&self.spec_verifications);
+        one(
+            "spec_decode_mean_accepted_per_verification",
+            "gauge",
+            "Speculative decoding: accepted tokens per verification pass (each also yields one more).",
+            if v > 0.0 { a / v } else { 0.0 },
+        );
+        one(
+            "spec_decode_propose_seconds_total",
+            "counter",
+            "Speculative decoding: time spent proposing (within engine steps).",
+            secs(&self.spec_propose_micros),
         );
         let _ = writeln!(out, "# HELP tern_request_success_total Finished requests by finish reason.");
         let _ = writeln!(out, "# TYPE tern_request_success_total counter");

@@ -44,6 +44,8 @@ pub struct EngineConfig {
     pub n_threads: usize,
     /// Where the model runs.
     pub device: Device,
+    /// Speculative decoding (None: off).
+    pub speculative: Option<crate::speculative::SpeculativeConfig>,
 }
 
 /// Where the model runs: the CPU, or a CUDA GPU (by ordinal).
@@ -90,6 +92,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             n_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             device: Device::Cpu,
+            speculative: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Iteration-level scheduling (continuous batching). Each step picks, within a token budget,
 //! one token for every decoding sequence, then chunks of the prompts being prefilled, then
 //! admits waiting requests (a long prompt is split over several steps and runs beside other
-//! sequences' decodes). When KV blocks run out, the newest running sequence is preempted: its
+//! sequences' decodes). A decoding sequence with proposed tokens (speculative decoding) runs
+//! them in its chunk too, as many as the budget and the free blocks allow. When KV blocks run out, the newest running sequence is preempted: its
 //! blocks are freed and it waits to be recomputed (its tokens so far become its prompt).
 
 use super::block_manager::BlockManager;
@@ -51,7 +52,11 @@ impl Scheduler {
             let Some(i) = self.running.iter().position(|s| s.id == id) else {
                 continue; // preempted earlier in this step
             };
-            let n_new = self.running[i].remaining().min(budget);
+            // A decode with proposed tokens verifies them in the same chunk (as many as fit).
+            let seq = &mut self.running[i];
+            let spare = budget.saturating_sub(seq.remaining());
+            seq.proposal.truncate(if seq.remaining() == 1 { spare } else { 0 });
+            let mut n_new = (seq.remaining() + seq.proposal.tokens.len()).min(budget);
             loop {
                 let seq = &mut self.running[i];
                 let upto = seq.num_computed + n_new;
@@ -60,6 +65,12 @@ impl Scheduler {
                     budget -= n_new;
                     break;
                 }
+                // Out of blocks: give up the proposal before preempting anyone.
+                if !seq.proposal.tokens.is_empty() {
+                    seq.proposal.clear();
+                    n_new = seq.remaining().min(budget);
+                    continue;
+                }
                 let mut victim = self.running.pop().expect("sequence i is running");
                 preempted = true;
                 metrics.preemptions.fetch_add(1, Relaxed);
@@ -67,6 +78,7 @@ impl Scheduler {
                     budget += out.remove(k).n_new;
                 }
                 victim.free_blocks(blocks);
+                victim.proposal.clear();
                 let was_self = victim.id == id;
                 self.waiting.push_front(victim);
                 if was_self {

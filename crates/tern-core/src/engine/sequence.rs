@@ -6,6 +6,7 @@ use super::metrics::Metrics;
 use super::{Event, Finished};
 use crate::generation::{FinishReason, GenerateRequest};
 use crate::sampling::{logprobs, Sampler, TokenLogprob};
+use crate::speculative::{verify, Proposal, SpecState};
 use crate::stop::StopChecker;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use anyhow::Result;
@@ -26,6 +27,12 @@ pub(crate) struct Sequence {
     /// Prompt tokens taken from the prefix cache at the first admission.
     pub cached_tokens: usize,
     pub admitted: bool,
+    /// Speculative decoding for this sequence (None: off).
+    pub spec: Option<SpecState>,
+    /// This step's proposed tokens (empty: a plain decode step).
+    pub proposal: Proposal,
+    /// The tokens a verification step runs: the uncomputed last token, then the proposal.
+    pub verify_tokens: Vec<u32>,
     req: GenerateRequest,
     sampler: Sampler,
     stops: StopChecker,
@@ -49,6 +56,9 @@ impl Sequence {
             hashes: Vec::new(),
             cached_tokens: 0,
             admitted: false,
+            spec: None,
+            proposal: Proposal::default(),
+            verify_tokens: Vec::new(),
             stops: StopChecker::new(&req.stop),
             req,
             sampler,
@@ -114,6 +124,20 @@ impl Sequence {
         }
     }
 
+    /// Gives back the blocks past those holding the computed positions (after a verification
+    /// rejected proposed tokens: their K/V is dropped).
+    pub(crate) fn release_unneeded_blocks(&mut self, blocks: &mut BlockManager, bs: usize) {
+        let keep = self.num_computed.div_ceil(bs).max(self.hashes.len());
+        while self.table.len() > keep {
+            blocks.release(self.table.pop().expect("longer than keep"));
+        }
+    }
+
+    /// The request's generation settings.
+    pub(crate) fn request(&self) -> &GenerateRequest {
+        &self.req
+    }
+
     /// Gives back every block and forgets the computed KV (preemption: recomputed later).
     pub(crate) fn free_blocks(&mut self, blocks: &mut BlockManager) {
         blocks.release_all(&mut self.table);
@@ -140,6 +164,55 @@ impl Sequence {
         let token = self.sampler.sample(logits);
         let logprob = raw.map(|(raw, n)| logprobs(&raw, token, n));
         self.on_token(token, logprob, tok, metrics)
+    }
+
+    /// Verifies this step's proposal with the target's logits at its k + 1 positions (`rows`,
+    /// `vocab` each: after the last token, then after each proposed token): keeps the accepted
+    /// prefix and one more token (the replacement of the first rejected one, or a bonus after a
+    /// full acceptance), streaming each. Returns the number accepted and why the sequence ends.
+    pub(crate) fn on_verify(
+        &mut self,
+        rows: &mut [f32],
+        vocab: usize,
+        tok: Option<&Tokenizer>,
+        metrics: &Metrics,
+    ) -> Result<(usize, Option<FinishReason>)> {
+        let proposal = std::mem::take(&mut self.proposal);
+        let k = proposal.tokens.len();
+        debug_assert_eq!(rows.len(), (k + 1) * vocab);
+        let mut accepted = 0;
+        for (i, row) in rows.chunks_exact_mut(vocab).enumerate() {
+            let raw = self.req.logprobs.map(|n| (row.to_vec(), n));
+            // Drawn before the distribution so the generator's use does not depend on outcomes.
+            let (u_accept, u_draw) = if self.sampler.params().is_greedy() {
+                (0.0, 0.0)
+            } else {
+                (self.sampler.uniform(), self.sampler.uniform())
+            };
+            let p = self.sampler.distribution(row);
+            let (token, keep_going) = match proposal.tokens.get(i) {
+                Some(&d) => match verify::check(p, proposal.q[i].as_deref(), d, u_accept, u_draw) {
+                    None => (d, true),
+                    Some(x) => (x, false),
+                },
+                None => (crate::sampling::draw(p, u_draw), false),
+            };
+            let logprob = raw.map(|(raw, n)| logprobs(&raw, token, n));
+            if keep_going {
+                accepted += 1;
+            }
+            if let Some(reason) = self.on_token(token, logprob, tok, metrics)? {
+                self.proposal = proposal;
+                self.proposal.clear();
+                return Ok((accepted, Some(reason)));
+            }
+            if !keep_going {
+                break;
+            }
+        }
+        self.proposal = proposal;
+        self.proposal.clear();
+        Ok((accepted, None))
     }
 
     /// Appends the chosen next token and streams it. Returns why the sequence ends, if it does.

@@ -109,9 +109,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let max_request_bytes = usize::try_from(parse_bytes(&a.max_request_bytes)?).context("--max-request-bytes")?;
     let api_key = a.api_key.clone().or_else(|| std::env::var("TERN_API_KEY").ok()).filter(|k| !k.is_empty());
-    let config = a.engine.config(a.model.threads()?, a.model.device()?)?;
     let (weights, tokenizer) = a.model.weights()?;
     let tokenizer = tokenizer.context("this model has no tokenizer: serve needs one (see --tokenizer)")?;
+    let config = a.engine.config(a.model.threads()?, a.model.device()?, Some(&tokenizer))?;
     let template = match tokenizer.chat_template.as_deref() {
         None => None,
         Some(source) => {

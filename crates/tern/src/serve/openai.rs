@@ -1,5 +1,6 @@
 //! OpenAI request bodies and their validation into engine requests. Parameters follow OpenAI
-//! (and vLLM's extensions: top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos).
+//! (and vLLM's extensions: top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos; and
+//! tern's `num_speculative_tokens`: 0 turns speculative decoding off for the request).
 //! Polymorphic fields (prompt, stop, message content) are read from JSON values by hand so
 //! that a wrong shape gets a message naming the parameter.
 
@@ -41,6 +42,7 @@ pub struct CommonParams {
     pub stop: Option<Value>,
     pub stop_token_ids: Option<Vec<u32>>,
     pub ignore_eos: Option<bool>,
+    pub num_speculative_tokens: Option<i64>,
     pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
@@ -55,6 +57,7 @@ pub struct Params {
     stop: Vec<String>,
     stop_token_ids: Vec<u32>,
     ignore_eos: bool,
+    num_speculative_tokens: Option<usize>,
 }
 
 impl CommonParams {
@@ -94,6 +97,16 @@ impl CommonParams {
             let param = message.split_whitespace().next().map(str::to_string);
             return Err(ApiError { param, ..ApiError::invalid(message, None) });
         }
+        let num_speculative_tokens = match self.num_speculative_tokens {
+            None => None,
+            Some(k) if (0..=32).contains(&k) => Some(k as usize),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    format!("num_speculative_tokens must be between 0 and 32, got {k}"),
+                    Some("num_speculative_tokens"),
+                ))
+            }
+        };
         let stream = self.stream.unwrap_or(false);
         let include_usage = self.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
         Ok(Params {
@@ -104,6 +117,7 @@ impl CommonParams {
             stop: parse_stop(self.stop.as_ref())?,
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             ignore_eos: self.ignore_eos.unwrap_or(false),
+            num_speculative_tokens,
         })
     }
 }
@@ -125,6 +139,7 @@ impl Params {
             stop_token_ids: self.stop_token_ids.clone(),
             ignore_eos: self.ignore_eos,
             logprobs,
+            num_speculative_tokens: self.num_speculative_tokens,
             ..GenerateRequest::new(prompt_ids, max_tokens, sampling)
         }
     }
