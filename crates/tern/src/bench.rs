@@ -12,7 +12,8 @@ use tern_core::rng::Rng;
 use tern_core::sampling::SamplingParams;
 
 /// Without a subcommand: a model-level benchmark of prefill and decode speed.
-/// `tern bench serve` instead loads a running server with concurrent requests.
+/// `tern bench serve` instead loads a running server with concurrent requests; `tern bench
+/// spec` compares speculative with plain decoding.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
@@ -47,6 +48,9 @@ pub enum BenchCommand {
     /// Load an OpenAI-compatible server (`tern serve`) with streaming completions of random
     /// token-id prompts; report throughput, TTFT, inter-token latency and prefix-cache deltas.
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// Speculative against plain decoding on the prompts of a JSON-lines file (batch 1):
+    /// tok/s, speedup, acceptance, proposer time.
+    Spec(crate::bench_spec::SpecBenchArgs),
 }
 
 #[derive(Serialize)]
@@ -79,8 +83,10 @@ struct Report {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if let Some(BenchCommand::Serve(s)) = a.command {
-        return crate::bench_serve::run(s);
+    match a.command {
+        Some(BenchCommand::Serve(s)) => return crate::bench_serve::run(s),
+        Some(BenchCommand::Spec(s)) => return crate::bench_spec::run(s),
+        None => {}
     }
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");

@@ -96,7 +96,7 @@ fn chat_template(tok: &Tokenizer) -> Result<ChatTemplate> {
 }
 
 /// Token ids of a rendered chat: the template writes any BOS itself.
-fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+pub fn encode_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>> {
     let text = chat_template(tok)?.render(messages, true)?;
     let ids = tok.encode(&text, false)?;
     Ok(ids)

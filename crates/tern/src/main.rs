@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod bench_serve;
+mod bench_spec;
 mod eval;
 mod generate;
 mod pull;
