@@ -18,20 +18,26 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// Lower-triangular L with L·Lᵀ = a (n × n, symmetric positive definite).
+/// Lower-triangular L with L·Lᵀ = a (n × n, symmetric positive definite). Rows are computed
+/// `ROWS` at a time, column by column, so each finished row j is read once per block of rows
+/// rather than once per row (the unblocked loop streamed n³/6 values from memory).
 pub fn cholesky(a: &[f64], n: usize) -> Result<Vec<f64>> {
+    const ROWS: usize = 16;
     let mut l = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let (li, lj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
-            let s = a[i * n + j] - dot(li, lj);
-            if i == j {
-                if s <= 0.0 || !s.is_finite() {
-                    bail!("matrix is not positive definite (pivot {i}: {s:e}); raise the damping");
+    for i0 in (0..n).step_by(ROWS) {
+        let i1 = (i0 + ROWS).min(n);
+        for j in 0..i1 {
+            for i in i0.max(j)..i1 {
+                let (li, lj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
+                let s = a[i * n + j] - dot(li, lj);
+                if i == j {
+                    if s <= 0.0 || !s.is_finite() {
+                        bail!("matrix is not positive definite (pivot {i}: {s:e}); raise the damping");
+                    }
+                    l[i * n + i] = s.sqrt();
+                } else {
+                    l[i * n + j] = s / l[j * n + j];
                 }
-                l[i * n + i] = s.sqrt();
-            } else {
-                l[i * n + j] = s / l[j * n + j];
             }
         }
     }
