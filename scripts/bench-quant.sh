@@ -22,16 +22,16 @@ for spec in "${specs[@]}"; do
   IFS=, read -ra methods <<<"${spec#*:}"
   for method in "${methods[@]}"; do
     file="$out/$model-$method.gguf"
-    calib=()
+    qargs=()
     kv=f32
     quant="$method"
     case "$method" in
-      gptq | awq | llm-int8) calib=(--calib data/botchan-calib.txt) ;;
+      gptq | awq | llm-int8) qargs=(--calib data/botchan-calib.txt) ;;
       kv-*) quant=f32 kv="${method#kv-}" ;;
-      fp8-tensor) quant=fp8 calib=(--fp8-scale tensor) ;;
+      fp8-tensor) quant=fp8 qargs=(--fp8-scale tensor) ;;
     esac
     t0=$(date +%s.%N)
-    report=$("$tern" quantize -m "$model" --method "$quant" "${calib[@]}" -t 2 -o "$file" 2>/dev/null | head -1)
+    report=$("$tern" quantize -m "$model" --method "$quant" "${qargs[@]}" -t 2 -o "$file" 2>/dev/null | head -1)
     t1=$(date +%s.%N)
     bpw=$(sed -n 's/.* at \([0-9.]*\) bits\/weight.*/\1/p' <<<"$report")
     ppl=$("$tern" eval perplexity -m "$file" --text data/botchan-eval.txt --max-windows "$windows" -t 2 --kv-cache-dtype "$kv" --json |
