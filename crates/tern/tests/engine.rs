@@ -4,18 +4,14 @@
 
 mod common;
 
+use common::engine::{collect, greedy_requests, load, oracle, run_engine};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tern_core::engine::{Device, EngineConfig, EngineHandle, Event, Finished};
-use tern_core::generation::{generate, FinishReason, GenerateRequest};
-use tern_core::model::decoder::Decoder;
+use tern_core::generation::{FinishReason, GenerateRequest};
 use tern_core::model::kv_cache::KvDtype;
-use tern_core::model::{self, LoadedModel, ModelSource};
+use tern_core::model::LoadedModel;
 use tern_core::sampling::SamplingParams;
-
-fn load(key: &str) -> LoadedModel {
-    model::load(&ModelSource::Gguf(common::model_path(key))).expect("model loads")
-}
 
 const PROMPTS: &[&str] = &[
     "The capital of France is",
@@ -27,38 +23,6 @@ const PROMPTS: &[&str] = &[
     "Translate to French: The weather is nice today and we are going to the beach.",
     "List three colors:",
 ];
-
-fn requests(m: &LoadedModel, prompts: &[String], max_tokens: usize) -> Vec<GenerateRequest> {
-    let tok = m.tokenizer.as_ref().expect("tokenizer");
-    prompts
-        .iter()
-        .map(|p| GenerateRequest::new(tok.encode(p, true).unwrap(), max_tokens, SamplingParams::greedy()))
-        .collect()
-}
-
-/// Greedy tokens of each request from the reference loop, one request at a time.
-fn oracle(m: &LoadedModel, reqs: &[GenerateRequest]) -> Vec<Vec<u32>> {
-    let mut dec = Decoder::new(m.weights.clone(), 2);
-    let tok = m.tokenizer.as_ref().unwrap();
-    reqs.iter().map(|r| generate(&mut dec, tok, r, |_| {}).unwrap().output_ids).collect()
-}
-
-/// Submits every request at once; returns each one's tokens and final event.
-fn run_engine(engine: &EngineHandle, reqs: &[GenerateRequest]) -> Vec<(Vec<u32>, Finished)> {
-    let streams: Vec<_> = reqs.iter().map(|r| engine.submit(r.clone()).expect("submit")).collect();
-    streams.into_iter().map(collect).collect()
-}
-
-fn collect(mut s: tern_core::engine::RequestStream) -> (Vec<u32>, Finished) {
-    let mut ids = Vec::new();
-    loop {
-        match s.blocking_next().expect("stream ends with Finished") {
-            Event::Token { id, .. } => ids.extend(id),
-            Event::Finished(f) => return (ids, f),
-            Event::Error(e) => panic!("engine error: {e}"),
-        }
-    }
-}
 
 fn start(m: &LoadedModel, config: EngineConfig) -> EngineHandle {
     EngineHandle::start(m.weights.clone(), m.tokenizer.clone(), config).expect("engine starts")
@@ -92,7 +56,7 @@ fn assert_same(want: &[Vec<u32>], got: &[(Vec<u32>, Finished)], what: &str) {
 fn concurrent_requests_match_single_requests() {
     for key in ["smollm2-135m", "qwen2.5-0.5b"] {
         let m = load(key);
-        let reqs = requests(&m, &prompts(), 24);
+        let reqs = greedy_requests(&m, &prompts(), 24);
         let want = oracle(&m, &reqs);
         // A budget of 48 tokens per step: the long prompt is prefilled in chunks beside the
         // other sequences' decodes.
@@ -109,7 +73,7 @@ fn concurrent_requests_match_single_requests() {
 #[test]
 fn int8_kv_cache_is_batch_invariant_and_close_to_f32() {
     let m = load("smollm2-135m");
-    let reqs = requests(&m, &prompts(), 24);
+    let reqs = greedy_requests(&m, &prompts(), 24);
     let int8 = EngineConfig { kv_cache_dtype: KvDtype::Int8, ..config(64 << 20, 48, 16) };
     // One request at a time, then all together (chunked prefill beside decodes).
     let alone: Vec<Vec<u32>> =
@@ -132,7 +96,7 @@ fn tiny_kv_pool_preempts_and_still_matches() {
     let c = &m.weights.config;
     let block_size = 8;
     let per_block = (c.n_layers * 2 * block_size * c.n_kv_heads * c.head_dim * 4) as u64;
-    let reqs = requests(&m, &prompts(), 32);
+    let reqs = greedy_requests(&m, &prompts(), 32);
     let longest = reqs.iter().map(|r| r.prompt_ids.len() + r.max_tokens).max().unwrap();
     // Room for the longest request and a little more: the six cannot all run at once.
     let blocks = longest.div_ceil(block_size) as u64 + 4;
@@ -150,7 +114,7 @@ fn shared_prefix_is_computed_once() {
     let m = load("smollm2-135m");
     let system = "You are a careful assistant. Answer briefly and precisely. ".repeat(12);
     let prompts = vec![format!("{system}Question: what is two plus two?"), format!("{system}Question: name a fruit.")];
-    let reqs = requests(&m, &prompts, 16);
+    let reqs = greedy_requests(&m, &prompts, 16);
     let want = oracle(&m, &reqs);
     let engine = start(&m, config(128 << 20, 512, 16));
     let metrics = engine.metrics().clone();
@@ -175,7 +139,7 @@ fn shared_prefix_is_computed_once() {
 fn dropped_stream_cancels_and_frees_blocks() {
     let m = load("smollm2-135m");
     let engine = start(&m, config(64 << 20, 512, 16));
-    let mut req = requests(&m, &prompts()[..1], 400).remove(0);
+    let mut req = greedy_requests(&m, &prompts()[..1], 400).remove(0);
     req.ignore_eos = true;
     let mut stream = engine.submit(req).unwrap();
     assert!(matches!(stream.blocking_next(), Some(Event::Token { .. })));
@@ -194,7 +158,7 @@ fn impossible_requests_are_refused_at_submission() {
     let m = load("smollm2-135m");
     let c = m.weights.config.clone();
     let engine = start(&m, config(8 << 20, 64, 16));
-    let ok = requests(&m, &prompts()[..1], 8).remove(0);
+    let ok = greedy_requests(&m, &prompts()[..1], 8).remove(0);
     let cases = [
         GenerateRequest { prompt_ids: vec![], ..ok.clone() },
         GenerateRequest { prompt_ids: vec![c.vocab_size as u32], ..ok.clone() },
@@ -212,5 +176,5 @@ fn impossible_requests_are_refused_at_submission() {
     assert!(!ids.is_empty() && matches!(fin.reason, FinishReason::Length | FinishReason::Stop));
     engine.shutdown();
     engine.join();
-    assert!(engine.submit(requests(&m, &prompts()[..1], 8).remove(0)).is_err(), "refused after shutdown");
+    assert!(engine.submit(greedy_requests(&m, &prompts()[..1], 8).remove(0)).is_err(), "refused after shutdown");
 }

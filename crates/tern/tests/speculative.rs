@@ -5,19 +5,15 @@
 
 mod common;
 
+use common::engine::{greedy_requests, load, oracle, run_engine};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
-use tern_core::engine::{Device, EngineConfig, EngineHandle, Event};
-use tern_core::generation::{generate, GenerateRequest};
-use tern_core::model::decoder::Decoder;
+use tern_core::engine::{Device, EngineConfig, EngineHandle};
+use tern_core::generation::GenerateRequest;
 use tern_core::model::kv_cache::KvDtype;
-use tern_core::model::{self, LoadedModel, ModelSource};
+use tern_core::model::LoadedModel;
 use tern_core::sampling::SamplingParams;
 use tern_core::speculative::{Proposer, SpeculativeConfig};
-
-fn load(key: &str) -> LoadedModel {
-    model::load(&ModelSource::Gguf(common::model_path(key))).expect("model loads")
-}
 
 /// Prompts whose answers copy from the input (where lookup pays) and free-running ones.
 const PROMPTS: &[&str] = &[
@@ -27,20 +23,6 @@ const PROMPTS: &[&str] = &[
     "The capital of France is",
     "Once upon a time, in a small village at the edge of a great forest,",
 ];
-
-fn requests(m: &LoadedModel, max_tokens: usize) -> Vec<GenerateRequest> {
-    let tok = m.tokenizer.as_ref().expect("tokenizer");
-    PROMPTS
-        .iter()
-        .map(|p| GenerateRequest::new(tok.encode(p, true).unwrap(), max_tokens, SamplingParams::greedy()))
-        .collect()
-}
-
-fn oracle(m: &LoadedModel, reqs: &[GenerateRequest]) -> Vec<Vec<u32>> {
-    let mut dec = Decoder::new(m.weights.clone(), 2);
-    let tok = m.tokenizer.as_ref().unwrap();
-    reqs.iter().map(|r| generate(&mut dec, tok, r, |_| {}).unwrap().output_ids).collect()
-}
 
 fn config(kv_bytes: u64, spec: SpeculativeConfig) -> EngineConfig {
     EngineConfig {
@@ -57,20 +39,7 @@ fn config(kv_bytes: u64, spec: SpeculativeConfig) -> EngineConfig {
 }
 
 fn run(engine: &EngineHandle, reqs: &[GenerateRequest]) -> Vec<Vec<u32>> {
-    let streams: Vec<_> = reqs.iter().map(|r| engine.submit(r.clone()).expect("submit")).collect();
-    streams
-        .into_iter()
-        .map(|mut s| {
-            let mut ids = Vec::new();
-            loop {
-                match s.blocking_next().expect("stream ends with Finished") {
-                    Event::Token { id, .. } => ids.extend(id),
-                    Event::Finished(_) => return ids,
-                    Event::Error(e) => panic!("engine error: {e}"),
-                }
-            }
-        })
-        .collect()
+    run_engine(engine, reqs).into_iter().map(|(ids, _)| ids).collect()
 }
 
 /// Greedy outputs with `proposer` equal the oracle's, with one request not speculating.
@@ -83,7 +52,7 @@ fn check_greedy(m: &LoadedModel, want: &[Vec<u32>], proposer: Proposer, kv_bytes
         config(kv_bytes, SpeculativeConfig { proposer, num_tokens: 5, adaptive: true }),
     )
     .expect("engine starts");
-    let mut reqs = requests(m, want[0].len());
+    let mut reqs = greedy_requests(m, PROMPTS, want[0].len());
     reqs[2].num_speculative_tokens = Some(0);
     let got = run(&engine, &reqs);
     for (i, (w, g)) in want.iter().zip(&got).enumerate() {
@@ -103,7 +72,7 @@ fn check_greedy(m: &LoadedModel, want: &[Vec<u32>], proposer: Proposer, kv_bytes
 fn every_proposer_keeps_greedy_output() {
     for key in ["qwen2.5-0.5b", "qwen2.5-1.5b"] {
         let m = load(key);
-        let want = oracle(&m, &requests(&m, 32));
+        let want = oracle(&m, &greedy_requests(&m, PROMPTS, 32));
         let (_, accepted, _) = check_greedy(&m, &want, Proposer::Ngram { min_n: 1, max_n: 3 }, 256 << 20);
         assert!(accepted > 0, "{key}: n-gram lookup never accepted a token on copying prompts");
         let layers = m.weights.config.n_layers / 2;
@@ -120,7 +89,7 @@ fn every_proposer_keeps_greedy_output() {
 #[test]
 fn speculation_under_preemption_keeps_greedy_output() {
     let m = load("qwen2.5-0.5b");
-    let want = oracle(&m, &requests(&m, 32));
+    let want = oracle(&m, &greedy_requests(&m, PROMPTS, 32));
     // 8 blocks of 16 positions: the four requests (60-90 positions each) cannot all fit.
     let per_block = 2 * 24 * 2 * 64 * 4 * 16;
     let (_, accepted, preemptions) = check_greedy(&m, &want, Proposer::Ngram { min_n: 1, max_n: 3 }, 8 * per_block);

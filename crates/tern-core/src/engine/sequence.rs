@@ -177,6 +177,7 @@ impl Sequence {
         tok: Option<&Tokenizer>,
         metrics: &Metrics,
     ) -> Result<(usize, Option<FinishReason>)> {
+        // Taken: the proposal is used up (the next step proposes afresh).
         let proposal = std::mem::take(&mut self.proposal);
         let k = proposal.tokens.len();
         debug_assert_eq!(rows.len(), (k + 1) * vocab);
@@ -202,16 +203,12 @@ impl Sequence {
                 accepted += 1;
             }
             if let Some(reason) = self.on_token(token, logprob, tok, metrics)? {
-                self.proposal = proposal;
-                self.proposal.clear();
                 return Ok((accepted, Some(reason)));
             }
             if !keep_going {
                 break;
             }
         }
-        self.proposal = proposal;
-        self.proposal.clear();
         Ok((accepted, None))
     }
 

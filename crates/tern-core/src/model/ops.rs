@@ -55,19 +55,11 @@ pub fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut
 /// out += Σ_j w[j] · row j, where row j is `rows[j * stride..][..out.len()]`: one query
 /// head's attention-weighted sum of consecutive cached values.
 pub fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-    assert!(w.is_empty() || (w.len() - 1) * stride + out.len() <= rows.len(), "weighted_sum: rows too short");
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() && out.len().is_multiple_of(8) {
-        // SAFETY: AVX2+FMA checked; bounds asserted above.
-        return unsafe { x86::weighted_sum(w, rows, stride, out) };
-    }
-    for (j, &wj) in w.iter().enumerate() {
-        axpy_scalar(wj, &rows[j * stride..j * stride + out.len()], out);
-    }
+    weighted_sum_narrow(w, rows, stride, NO_SCALES, 0, out)
 }
 
-/// A narrow stored K/V element: int8 (with a row scale), f16, bf16 or FP8 E4M3 (with a row
-/// scale).
+/// A stored K/V element: f32, or a narrow one: int8 (with a row scale), f16, bf16 or FP8
+/// E4M3 (with a row scale).
 pub trait KvElem: Copy + Sync {
     fn to_f32(self) -> f32;
     /// The SIMD loads return the value divided by this (E4M3 goes through f16 at 2⁻⁸).
@@ -179,6 +171,18 @@ fn has_avx2_f16c() -> bool {
     })
 }
 
+impl KvElem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
 impl KvElem for i8 {
     fn to_f32(self) -> f32 {
         self as f32
@@ -241,6 +245,15 @@ impl KvElem for E4m3 {
 mod x86 {
     use std::arch::x86_64::*;
 
+    /// Sum of the 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)))
+    }
+
     /// Requires q.len() % 8 == 0 and every row in bounds.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
@@ -257,38 +270,7 @@ mod x86 {
             if i < d {
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), _mm256_loadu_ps(r.add(i)), a0);
             }
-            let v = _mm256_add_ps(a0, a1);
-            let v = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-            *o = scale * _mm_cvtss_f32(v);
-        }
-    }
-
-    /// Requires out.len() % 8 == 0 and every row in bounds.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        let d = out.len();
-        let o = out.as_mut_ptr();
-        let mut i = 0;
-        // 32 output values at a time stay in registers while all rows stream past.
-        while i < d {
-            let n = (d - i).min(32) / 8;
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (a, acc) in acc.iter_mut().enumerate().take(n) {
-                *acc = _mm256_loadu_ps(o.add(i + 8 * a));
-            }
-            for (j, &wj) in w.iter().enumerate() {
-                let r = rows.as_ptr().add(j * stride + i);
-                let wv = _mm256_set1_ps(wj);
-                for (a, acc) in acc.iter_mut().enumerate().take(n) {
-                    *acc = _mm256_fmadd_ps(wv, _mm256_loadu_ps(r.add(8 * a)), *acc);
-                }
-            }
-            for (a, acc) in acc.iter().enumerate().take(n) {
-                _mm256_storeu_ps(o.add(i + 8 * a), *acc);
-            }
-            i += 8 * n;
+            *o = scale * hsum(_mm256_add_ps(a0, a1));
         }
     }
 
@@ -313,10 +295,7 @@ mod x86 {
                 a = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), E::load8(r.add(i)), a);
                 i += 8;
             }
-            let v = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-            let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
-            *o = scale * scales[j * sstride] * _mm_cvtss_f32(v);
+            *o = scale * scales[j * sstride] * hsum(a);
         }
     }
 
@@ -369,11 +348,7 @@ mod x86 {
             acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
             i += 8;
         }
-        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        let mut total = _mm_cvtss_f32(s);
+        let mut total = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
         while i < n {
             total += a[i] * b[i];
             i += 1;

@@ -51,6 +51,19 @@ fn output_error(x: &[f32], n: usize, k: usize, w: &[f32], approx: &[f32]) -> f64
     e
 }
 
+/// Options for `method` with the tests' usual settings.
+fn opts(method: Method) -> Options {
+    Options {
+        method,
+        group: 128,
+        damp: 0.01,
+        act_order: false,
+        awq_rows: 0,
+        outlier_threshold: 6.0,
+        fp8_per_tensor: false,
+    }
+}
+
 #[test]
 fn q4_1_packing_round_trips_exactly() {
     let mut rng = Rng::new(1);
@@ -95,15 +108,7 @@ fn int8_per_channel_uses_one_scale_per_row() {
     for r in 0..rows {
         assert_eq!(b[r * 68..r * 68 + 2], b[r * 68 + 34..r * 68 + 36], "row {r}: both blocks carry the row scale");
     }
-    let o = Options {
-        method: Method::Int8,
-        group: 128,
-        damp: 0.01,
-        act_order: false,
-        awq_rows: 0,
-        outlier_threshold: 6.0,
-        fp8_per_tensor: false,
-    };
+    let o = opts(Method::Int8);
     let e = encode(&w, rows, cols, &o, None, &[]).unwrap();
     assert!(e.rel_error < 1e-4, "int8 error {}", e.rel_error);
 }
@@ -165,25 +170,9 @@ fn calibration_hessian_matches_the_sum() {
 
 #[test]
 fn bad_options_are_refused() {
-    let o = Options {
-        method: Method::Int4Rtn,
-        group: 100,
-        damp: 0.01,
-        act_order: false,
-        awq_rows: 0,
-        outlier_threshold: 6.0,
-        fp8_per_tensor: false,
-    };
+    let o = Options { group: 100, ..opts(Method::Int4Rtn) };
     assert!(o.check().is_err());
-    let o = Options {
-        method: Method::Gptq,
-        group: 128,
-        damp: 1.5,
-        act_order: true,
-        awq_rows: 0,
-        outlier_threshold: 6.0,
-        fp8_per_tensor: false,
-    };
+    let o = Options { damp: 1.5, act_order: true, ..opts(Method::Gptq) };
     assert!(o.check().is_err());
 }
 
@@ -209,15 +198,7 @@ fn llm_int8_beats_naive_int8_on_planted_outliers() {
         (0..n * rows).map(|e| (0..k).map(|c| x[e / rows * k + c] as f64 * w[e % rows * k + c] as f64).sum()).collect();
     let pool = ThreadPool::new(2);
     let run = |method: Method, cols: &[usize]| -> f64 {
-        let o = Options {
-            method,
-            group: 128,
-            damp: 0.01,
-            act_order: false,
-            awq_rows: 0,
-            outlier_threshold: 6.0,
-            fp8_per_tensor: false,
-        };
+        let o = opts(method);
         let e = encode(&w, rows, k, &o, None, cols).unwrap();
         let mut m = Matrix::new(DType::Q8_0, rows, k, Bytes::Owned(Arc::new(e.bytes))).unwrap();
         if let Some(out) = e.outliers {
@@ -251,15 +232,7 @@ fn w8a8_and_fp8_round_trip_and_multiply_through_the_decoder() {
         (Method::Fp8, false, DType::F8E4M3, 3e-3),
         (Method::Fp8, true, DType::F8E4M3, 1.0),
     ] {
-        let o = Options {
-            method,
-            group: 128,
-            damp: 0.01,
-            act_order: false,
-            awq_rows: 0,
-            outlier_threshold: 6.0,
-            fp8_per_tensor: per_tensor,
-        };
+        let o = Options { fp8_per_tensor: per_tensor, ..opts(method) };
         let e = encode(&w, rows, k, &o, None, &[]).unwrap();
         let scale = e.row_scale.clone().unwrap();
         assert_eq!(scale.len(), if per_tensor { 1 } else { rows });

@@ -1,6 +1,8 @@
 //! Helpers for the integration tests: run the `tern` binary, pull models through it.
 #![allow(dead_code)]
 
+pub mod engine;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -3,19 +3,10 @@
 //! `vpmaddubsw` + `vpmaddwd`, or `vpdpbusd` with AVX-512 VNNI), times the activation row's scale.
 //! The weight row's scale is applied by the caller.
 
-use super::util::dispatch_rc;
+use super::util::{dispatch_rc, hsum_i32};
 use crate::kernels::matmul::Mm;
 use std::arch::x86_64::*;
 use std::ops::Range;
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
-}
 
 /// acc + 8 lanes of Σ(4 u8 × i8) with AVX2 (pair sums stay below i16's limit: |w| ≤ 128, |a| ≤ 127).
 #[inline]

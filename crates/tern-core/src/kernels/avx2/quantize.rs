@@ -1,5 +1,6 @@
 //! AVX2 activation quantization; must match `acts::quantize_*_scalar` bit for bit.
 
+use super::util::hsum_i32;
 use crate::kernels::dtype::{QK, QK_K};
 use std::arch::x86_64::*;
 
@@ -56,15 +57,6 @@ unsafe fn quant32(p: *const f32, id: __m256, out: *mut i8) -> __m256i {
     let c = _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(out as *mut __m256i, c);
     sums
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
