@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// attention over a long context costs.
     #[arg(long, short = 'd', default_value_t = 0)]
     pub depth: usize,
+    /// Sequences decoded together in the decode test (like llama-batched-bench's parallel
+    /// sequences): B requests run in the same engine steps; tok/s counts all of them.
+    #[arg(long, short = 'b', default_value_t = 1)]
+    pub batch: usize,
     /// Timed repetitions of each test (after one warm-up run).
     #[arg(long, short = 'r', default_value_t = 5)]
     pub repetitions: usize,
@@ -91,6 +95,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         bail!("--repetitions must be at least 1");
     }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
     let (weights, tokenizer) = a.model.weights()?;
     let threads = a.model.threads()?;
     let device = a.model.device()?;
@@ -104,14 +111,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             cfg.max_context
         );
     }
-    // Runs go through the engine, one request at a time: a pool for the context plus two
-    // runs, and a step budget that prefills each prompt in one pass.
+    // Runs go through the engine: a pool for the context plus two runs of every sequence of
+    // the batch, and a step budget that prefills each prompt in one pass.
     let kv_dtype = tern_core::model::kv_cache::KvDtype::parse(&a.kv_cache_dtype)?;
     let per_token = (cfg.n_layers * 2 * kv_dtype.row_bytes(cfg.n_kv_heads, cfg.head_dim)) as u64;
+    let per_run = a.batch as u64 * (longest as u64 + 2 * DEFAULT_BLOCK_SIZE as u64);
     let engine_config = EngineConfig {
         kv_cache_dtype: kv_dtype,
-        kv_cache_memory: Some(per_token * (2 * longest as u64 + 4 * DEFAULT_BLOCK_SIZE as u64)),
-        max_num_batched_tokens: longest.max(1),
+        kv_cache_memory: Some(per_token * (2 * per_run + longest as u64)),
+        max_num_seqs: a.batch.max(EngineConfig::default().max_num_seqs),
+        max_num_batched_tokens: longest.max(a.batch),
         n_threads: threads,
         device,
         ..EngineConfig::default()
@@ -140,12 +149,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     if a.gen_tokens > 0 {
         let rates = measure(a.repetitions, || {
-            let prompt = [context.as_slice(), &random_tokens(1)].concat();
             // The first token comes from the prompt's pass; the next gen_tokens are decode steps.
-            let run = run_request(&engine, prompt, a.gen_tokens + 1)?;
-            Ok(a.gen_tokens as f64 / run.decode_time.as_secs_f64())
+            let prompts: Vec<Vec<u32>> =
+                (0..a.batch).map(|_| [context.as_slice(), &random_tokens(1)].concat()).collect();
+            let decode_time = if a.batch == 1 {
+                run_request(&engine, prompts.into_iter().next().unwrap(), a.gen_tokens + 1)?.decode_time
+            } else {
+                run_batch(&engine, prompts, a.gen_tokens + 1)?
+            };
+            Ok((a.batch * a.gen_tokens) as f64 / decode_time.as_secs_f64())
         })?;
-        results.push(summary(format!("tg{}{depth_suffix}", a.gen_tokens), a.gen_tokens, rates));
+        let batch_suffix = if a.batch > 1 { format!(" x{}", a.batch) } else { String::new() };
+        results.push(summary(format!("tg{}{batch_suffix}{depth_suffix}", a.gen_tokens), a.gen_tokens, rates));
     }
     let decode_gb_per_s =
         results.iter().find(|r| r.test.starts_with("tg")).map(|r| r.tok_per_s_median * weight_bytes as f64 / 1e9);
@@ -235,6 +250,47 @@ fn run_request(engine: &EngineHandle, prompt: Vec<u32>, max_tokens: usize) -> Re
     }
     let first = first.context("no token was generated")?;
     Ok(Run { time_to_first_token: first - start, decode_time: last - first })
+}
+
+/// Requests submitted together, each read on its own thread (so every token is timed when
+/// it arrives): the time from the first token of the last sequence to start decoding to the
+/// last token of all, during which every sequence of the batch is decoding.
+fn run_batch(engine: &EngineHandle, prompts: Vec<Vec<u32>>, max_tokens: usize) -> Result<Duration> {
+    let streams = prompts
+        .into_iter()
+        .map(|p| {
+            let req =
+                GenerateRequest { ignore_eos: true, ..GenerateRequest::new(p, max_tokens, SamplingParams::greedy()) };
+            engine.submit(req).map_err(anyhow::Error::from)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let spans = std::thread::scope(|s| {
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|mut stream| {
+                s.spawn(move || -> Result<(Instant, Instant)> {
+                    let mut span: Option<(Instant, Instant)> = None;
+                    loop {
+                        match stream.blocking_next() {
+                            Some(Event::Token { id: Some(_), .. }) => {
+                                let now = Instant::now();
+                                span = Some((span.map_or(now, |(f, _)| f), now));
+                            }
+                            Some(Event::Token { .. }) => {}
+                            Some(Event::Finished(_)) => break,
+                            Some(Event::Error(e)) => bail!("{e}"),
+                            None => bail!("the engine stopped unexpectedly"),
+                        }
+                    }
+                    span.context("no token was generated")
+                })
+            })
+            .collect();
+        readers.into_iter().map(|r| r.join().expect("stream reader panicked")).collect::<Result<Vec<_>>>()
+    })?;
+    let start = spans.iter().map(|s| s.0).max().context("empty batch")?;
+    let end = spans.iter().map(|s| s.1).max().context("empty batch")?;
+    Ok(end - start)
 }
 
 /// One untimed warm-up, then `reps` timed runs.

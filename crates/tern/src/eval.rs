@@ -65,7 +65,7 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     .context("this model has no tokenizer (see --tokenizer)")?;
     let weights = if a.dequantize { loaded.weights.dequantized()? } else { loaded.weights };
     let max_context = weights.config.max_context;
-    let mut decoder = Decoder::new(weights, a.model.threads()?);
+    let mut decoder = Decoder::new(weights, a.model.threads()?)?;
     let tokens = perplexity::tokenize(&tokenizer, &text, a.ctx, max_context)?;
     let windows = perplexity::windows(&tokens, a.ctx, a.max_windows)?;
     let bos = if tokenizer.add_bos { tokenizer.bos } else { None };

@@ -126,7 +126,7 @@ fn check_generation(key: &str) {
     let r = reference(key);
     let loaded = load(key);
     let tok: Tokenizer = loaded.tokenizer.unwrap();
-    let mut model = Decoder::new(loaded.weights, 2);
+    let mut model = Decoder::new(loaded.weights, 2).unwrap();
     for g in r["greedy"].as_array().unwrap() {
         let name = g["name"].as_str().unwrap();
         let prompt = ids(&g["prompt_ids"]);
@@ -194,7 +194,7 @@ fn check_float_path(key: &str) {
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let r = reference(key);
     let weights = load(key).weights.dequantized().unwrap();
-    let mut model = Decoder::new(weights, 2);
+    let mut model = Decoder::new(weights, 2).unwrap();
     let (worst, mean) = logprob_errors_over_reference(&mut model, &r);
     eprintln!("{key} float32 path: logprob error vs transformers: max {worst:.2e}, mean {mean:.2e}");
     assert!(worst < 1e-3, "{key} float32 path: logprob error max {worst:.2e}");

@@ -17,7 +17,7 @@ fn check(name: &str) {
     let dir = repo_root().join("reference/tiny").join(name);
     let r: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let loaded = model::load(&ModelSource::HfDir(dir)).unwrap();
-    let mut model = Decoder::new(loaded.weights, 1);
+    let mut model = Decoder::new(loaded.weights, 1).unwrap();
     let vocab = model.config().vocab_size;
     for p in r["prompts"].as_array().unwrap() {
         let prompt: Vec<u32> = p["prompt_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();

@@ -110,9 +110,14 @@ impl Engine {
         if cfg.block_size == 0 || cfg.max_num_seqs == 0 || cfg.max_num_batched_tokens == 0 {
             bail!("block size, max_num_seqs and max_num_batched_tokens must be at least 1");
         }
-        // Speculation reads the target's weights on the host (early exit shares them).
+        // Speculation reads the target's weights on the host; packed before the early-exit
+        // drafter takes its layers, so that both share one packed copy.
         let weights = match (&cfg.speculative, cfg.device) {
-            (Some(_), Device::Cpu) => Weights::Host(weights.into_host()?),
+            (Some(_), Device::Cpu) => {
+                let mut host = weights.into_host()?;
+                host.pack_for_cpu()?;
+                Weights::Host(host)
+            }
             _ => weights,
         };
         let mut drafter = None;
@@ -126,9 +131,9 @@ impl Engine {
             spec.check(target)?;
             drafter = match &spec.proposer {
                 Proposer::Ngram { .. } => None,
-                Proposer::Draft(w) => Some(Drafter::new((**w).clone(), cfg.n_threads)),
+                Proposer::Draft(w) => Some(Drafter::new((**w).clone(), cfg.n_threads)?),
                 Proposer::EarlyExit { layers } => {
-                    Some(Drafter::new(Drafter::truncated(target, *layers), cfg.n_threads))
+                    Some(Drafter::new(Drafter::truncated(target, *layers), cfg.n_threads)?)
                 }
             };
         }

@@ -58,7 +58,7 @@ impl CpuRunner {
         };
         let n_blocks = blocks_in(budget, per_block, cfg.block_size)?;
         let kv = PagedKv::new(c, cfg.block_size, n_blocks, cfg.kv_cache_dtype)?;
-        Ok(CpuRunner { decoder: Decoder::new(weights, cfg.n_threads), kv })
+        Ok(CpuRunner { decoder: Decoder::new(weights, cfg.n_threads)?, kv })
     }
 }
 

@@ -82,7 +82,9 @@ unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 impl Decoder {
-    pub fn new(weights: ModelWeights, n_threads: usize) -> Self {
+    /// Takes the weights and packs them for this CPU's kernels (see `Matrix::pack_for_cpu`).
+    pub fn new(mut weights: ModelWeights, n_threads: usize) -> Result<Self> {
+        weights.pack_for_cpu()?;
         let c = &weights.config;
         let half = c.head_dim / 2;
         // Computed as transformers does (f32 pow), so rotary angles agree bit for bit.
@@ -90,7 +92,7 @@ impl Decoder {
         let pool = ThreadPool::new(n_threads.max(1));
         let ws =
             Workspace { scores: (0..pool.n_threads()).map(|_| Mutex::new(Vec::new())).collect(), ..Default::default() };
-        Decoder { weights, pool, inv_freq, ws }
+        Ok(Decoder { weights, pool, inv_freq, ws })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -365,15 +367,20 @@ fn matmuls_stored(
     let jobs = &*jobs;
     pool.run(|t, nt| {
         for (j, (m, _)) in jobs.iter().enumerate() {
-            let rows = split_rows(m.rows, t, nt);
+            let (out, ldy) = outs[j];
+            let acts = &acts[act_index[j]];
+            if let Some(pm) = &m.packed {
+                let groups = split_rows(pm.groups(), 1, t, nt);
+                // SAFETY: each thread gets disjoint groups of rows; y has n × m.rows elements.
+                unsafe { kernels::matmul_packed_groups(pm, groups, acts, out.ptr(), ldy) };
+                continue;
+            }
+            let rows = split_rows(m.rows, 12, t, nt);
             if rows.is_empty() {
                 continue;
             }
-            let (out, ldy) = outs[j];
             // SAFETY: each thread gets a disjoint row range; y has n × m.rows elements.
-            unsafe {
-                kernels::matmul_rows(m.dtype, m.data(), m.cols, rows.clone(), &acts[act_index[j]], out.ptr(), ldy)
-            };
+            unsafe { kernels::matmul_rows(m.dtype, m.data(), m.cols, rows.clone(), acts, out.ptr(), ldy) };
             if m.row_scale.is_some() {
                 for i in 0..n {
                     for r in rows.clone() {
@@ -387,10 +394,11 @@ fn matmuls_stored(
     Ok(())
 }
 
-/// Thread t's share of `rows`, in multiples of 12 so kernel tiles (1-4 rows) stay full.
-fn split_rows(rows: usize, t: usize, nt: usize) -> std::ops::Range<usize> {
-    let chunks = rows.div_ceil(12);
-    let (lo, hi) = (chunks * t / nt * 12, chunks * (t + 1) / nt * 12);
+/// Thread t's share of `rows`, in multiples of `unit` (12 keeps the row-major kernels' tiles
+/// of 1-4 rows full; packed matrices are split by whole groups).
+fn split_rows(rows: usize, unit: usize, t: usize, nt: usize) -> std::ops::Range<usize> {
+    let chunks = rows.div_ceil(unit);
+    let (lo, hi) = (chunks * t / nt * unit, chunks * (t + 1) / nt * unit);
     lo.min(rows)..hi.min(rows)
 }
 
@@ -456,18 +464,22 @@ fn attention(
             let qg = &q[heads.clone()];
             s.clear();
             s.resize(per_task * len, 0.0);
-            for (qh, sh) in qg.chunks_exact(hd).zip(s.chunks_exact_mut(len)) {
-                for (b, range, first) in spans.clone() {
-                    kv.kv_block(layer, seq, b).0.scaled_dots(qh, first, kvh, scale, &mut sh[range]);
+            // Blocks outer, heads inner: each block's keys (then values) are fetched once and
+            // stay in L1 for every query head that reads them.
+            for (b, range, first) in spans.clone() {
+                let keys = kv.kv_block(layer, seq, b).0;
+                for (qh, sh) in qg.chunks_exact(hd).zip(s.chunks_exact_mut(len)) {
+                    keys.scaled_dots(qh, first, kvh, scale, &mut sh[range.clone()]);
                 }
             }
             s.chunks_exact_mut(len).for_each(ops::softmax);
             // SAFETY: (token i, these heads) own this disjoint slice of `out`.
             let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add(heads.start), heads.len()) };
             o.fill(0.0);
-            for (oh, sh) in o.chunks_exact_mut(hd).zip(s.chunks_exact(len)) {
-                for (b, range, first) in spans.clone() {
-                    kv.kv_block(layer, seq, b).1.weighted_sum(&sh[range], first, kvh, oh);
+            for (b, range, first) in spans.clone() {
+                let values = kv.kv_block(layer, seq, b).1;
+                for (oh, sh) in o.chunks_exact_mut(hd).zip(s.chunks_exact(len)) {
+                    values.weighted_sum(&sh[range.clone()], first, kvh, oh);
                 }
             }
         }

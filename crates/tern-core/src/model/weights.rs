@@ -3,7 +3,7 @@
 //! Matrices keep their stored encoding (a GGUF block type, f16, bf16, f32) and stay in the
 //! memory map when they came from a file: the matmul kernels read the quantized blocks directly.
 
-use crate::kernels::DType;
+use crate::kernels::{DType, PackedMatrix};
 use crate::model::config::ModelConfig;
 use anyhow::{bail, Result};
 use memmap2::Mmap;
@@ -23,6 +23,16 @@ impl Bytes {
             Bytes::Owned(v) => v,
         }
     }
+
+    /// Drops the resident pages of a mapped range (they are read from the file again if
+    /// touched); nothing for owned bytes. Only a hint: failure changes nothing but memory use.
+    fn release_pages(&self) {
+        if let Bytes::Mapped { map, offset, len } = self {
+            // SAFETY: the map is read-only and file-backed, so dropped pages are re-read from
+            // the file on the next access with the same contents.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *offset, *len) };
+        }
+    }
 }
 
 /// A row-major matrix of `rows` × `cols` in `dtype` (each row is `cols` elements).
@@ -37,6 +47,9 @@ pub struct Matrix {
     /// I8/F8E4M3 matrices: the stored values times these are the weights (one per row, or
     /// one for the whole matrix).
     pub row_scale: Option<Arc<Vec<f32>>>,
+    /// The same values regrouped for the AVX-512 kernels (see `kernels::PackedMatrix`); the
+    /// CPU decoder's products read this instead of `bytes` where it exists.
+    pub packed: Option<Arc<PackedMatrix>>,
 }
 
 /// Input channels whose activations are too large for int8: their weight columns are kept in
@@ -67,7 +80,7 @@ impl Matrix {
         if got != expected {
             bail!("{rows}×{cols} {} matrix needs {expected} bytes, got {got}", dtype.name());
         }
-        Ok(Matrix { dtype, rows, cols, bytes, outliers: None, row_scale: None })
+        Ok(Matrix { dtype, rows, cols, bytes, outliers: None, row_scale: None, packed: None })
     }
 
     /// Attaches the scales of an I8/F8E4M3 matrix (`rows` of them, or one per tensor).
@@ -92,6 +105,19 @@ impl Matrix {
 
     pub fn data(&self) -> &[u8] {
         self.bytes.as_slice()
+    }
+
+    /// Adds the packed copy when this CPU has kernels for it (once). A mapped matrix's pages
+    /// are then handed back to the kernel: products read only the packed copy, so keeping both
+    /// resident would double the memory (rows read later, e.g. embedding lookups of a tied
+    /// head, are paged in again from the file).
+    pub fn pack_for_cpu(&mut self) -> Result<()> {
+        if self.packed.is_some() || !crate::kernels::packing_supported(self.dtype) {
+            return Ok(());
+        }
+        self.packed = Some(Arc::new(PackedMatrix::pack(self.dtype, self.data(), self.rows, self.cols)?));
+        self.bytes.release_pages();
+        Ok(())
     }
 
     /// One row as f32 (embedding lookup).
@@ -264,6 +290,19 @@ impl ModelWeights {
 
     pub fn lm_head(&self) -> &Matrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Packs every matrix the decoder multiplies (layers and head) for this CPU's kernels.
+    pub fn pack_for_cpu(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            for m in [&mut l.wq, &mut l.wk, &mut l.wv, &mut l.wo, &mut l.w_gate, &mut l.w_up, &mut l.w_down] {
+                m.pack_for_cpu()?;
+            }
+        }
+        match &mut self.lm_head {
+            Some(head) => head.pack_for_cpu(),
+            None => self.embed.pack_for_cpu(),
+        }
     }
 
     /// Checks every shape against the config, so a bad file fails at load, not mid-forward.

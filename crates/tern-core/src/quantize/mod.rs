@@ -274,7 +274,7 @@ pub fn calibrate(
     n_threads: usize,
     progress: impl FnMut(usize),
 ) -> Result<calib::Calibration> {
-    let mut decoder = Decoder::new(weights.clone(), n_threads);
+    let mut decoder = Decoder::new(weights.clone(), n_threads)?;
     let pool = ThreadPool::new(n_threads);
     calib::gather(&mut decoder, windows, wanted(o), &pool, progress)
 }

@@ -43,8 +43,8 @@ pub(crate) struct DraftRequest<'a> {
 
 impl Drafter {
     /// A drafter on `weights` (a draft model, or the target truncated to its first layers).
-    pub(crate) fn new(weights: ModelWeights, n_threads: usize) -> Self {
-        Drafter { decoder: Decoder::new(weights, n_threads), seqs: HashMap::new(), logits: Vec::new() }
+    pub(crate) fn new(weights: ModelWeights, n_threads: usize) -> Result<Self> {
+        Ok(Drafter { decoder: Decoder::new(weights, n_threads)?, seqs: HashMap::new(), logits: Vec::new() })
     }
 
     /// The target's first `layers` layers with its final norm and LM head (shared weights).

@@ -23,7 +23,7 @@ pub fn greedy_requests(m: &LoadedModel, prompts: &[impl AsRef<str>], max_tokens:
 
 /// Greedy tokens of each request from the reference loop, one request at a time.
 pub fn oracle(m: &LoadedModel, reqs: &[GenerateRequest]) -> Vec<Vec<u32>> {
-    let mut dec = Decoder::new(m.weights.clone(), 2);
+    let mut dec = Decoder::new(m.weights.clone(), 2).unwrap();
     let tok = m.tokenizer.as_ref().unwrap();
     reqs.iter().map(|r| generate(&mut dec, tok, r, |_| {}).unwrap().output_ids).collect()
 }
