@@ -4,10 +4,11 @@
 //! Decode: one activation row, weights streamed (GB/s of weight bytes, µs per call).
 //! Prefill: 512 activation rows (GFLOP/s, 2·k·n·rows flops), skipped for vocabulary-sized
 //! matrices. Activations are quantized before timing (their cost is reported separately).
-//! `--shape SUBSTR` keeps only the shapes whose name contains SUBSTR.
+//! `--shape SUBSTR` keeps only the shapes whose name contains SUBSTR. `--packed` runs the
+//! AVX-512 kernels over row-interleaved weights (the decoder's path where the CPU has them).
 
 use std::time::Instant;
-use tern_core::kernels::{cpu_features, matmul_parallel, DType, QuantizedActs, ThreadPool};
+use tern_core::kernels::{cpu_features, matmul_parallel, DType, PackedMatrix, QuantizedActs, ThreadPool};
 
 const SHAPES: &[(&str, usize, usize)] = &[
     ("smollm2 576x1536", 576, 1536),
@@ -69,6 +70,7 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let no_prefill = args.iter().any(|a| a == "--no-prefill");
+    let packed = args.iter().any(|a| a == "--packed");
     let shape_filter = args.iter().position(|a| a == "--shape").and_then(|i| args.get(i + 1).cloned());
     let wanted: Vec<&String> =
         args.iter().filter(|a| !a.starts_with("--") && Some(*a) != shape_filter.as_ref()).collect();
@@ -104,6 +106,11 @@ fn main() -> anyhow::Result<()> {
             }
             let w = random_weights(&mut rng, dtype, n, k);
             let gb = w.len() as f64 / 1e9;
+            let pm = if packed { Some(PackedMatrix::pack(dtype, &w, n, k)?) } else { None };
+            let mm = |pool: &ThreadPool, acts: &QuantizedActs, y: &mut [f32]| match &pm {
+                Some(pm) => pm.matmul_parallel(pool, acts, y).unwrap(),
+                None => matmul_parallel(pool, dtype, &w, k, n, acts, y).unwrap(),
+            };
             let x: Vec<f32> = (0..512 * k).map(|_| rng.f32()).collect();
             let mut acts = QuantizedActs::new();
             let tq = time(50, || acts.quantize(dtype, &x[..k], 1, k).unwrap());
@@ -111,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             let reps = (0.3 / (gb / 10.0)).clamp(5.0, 200.0) as usize;
             let mut dec = [0.0; 2];
             for (t, pool) in pools.iter().enumerate() {
-                dec[t] = time(reps, || matmul_parallel(pool, dtype, &w, k, n, &acts, &mut y).unwrap());
+                dec[t] = time(reps, || mm(pool, &acts, &mut y));
             }
             let mut pp = [f64::NAN; 2];
             if !no_prefill && n < 10000 {
@@ -121,7 +128,7 @@ fn main() -> anyhow::Result<()> {
                 let mut y = vec![0.0f32; rows * n];
                 let flops = 2.0 * (rows * k * n) as f64;
                 for (t, pool) in pools.iter().enumerate() {
-                    let s = time(3, || matmul_parallel(pool, dtype, &w, k, n, &acts, &mut y).unwrap());
+                    let s = time(3, || mm(pool, &acts, &mut y));
                     pp[t] = flops / s / 1e9;
                 }
             }

@@ -32,16 +32,17 @@ pub struct BenchArgs {
     #[arg(long, short = 'd', default_value_t = 0)]
     pub depth: usize,
     /// Sequences decoded together in the decode test (like llama-batched-bench's parallel
-    /// sequences): B requests run in the same engine steps; tok/s counts all of them.
+    /// sequences): B requests, each with its own --depth context, run in the same engine
+    /// steps; tok/s counts all of them.
     #[arg(long, short = 'b', default_value_t = 1)]
     pub batch: usize,
     /// Timed repetitions of each test (after one warm-up run).
     #[arg(long, short = 'r', default_value_t = 5)]
     pub repetitions: usize,
-    /// Storage of the CPU KV cache: f32, f16, bf16, or int8 / fp8 (e4m3) with a scale per
-    /// position and KV head.
-    #[arg(long, default_value = "f32")]
-    pub kv_cache_dtype: String,
+    /// Storage of the CPU KV cache: f32, f16 (default), bf16, or int8 / fp8 (e4m3) with a
+    /// scale per position and KV head. The GPU cache is bf16.
+    #[arg(long)]
+    pub kv_cache_dtype: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -113,7 +114,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     // Runs go through the engine: a pool for the context plus two runs of every sequence of
     // the batch, and a step budget that prefills each prompt in one pass.
-    let kv_dtype = tern_core::model::kv_cache::KvDtype::parse(&a.kv_cache_dtype)?;
+    let kv_dtype = crate::args::kv_cache_dtype(a.kv_cache_dtype.as_deref(), device)?;
     let per_token = (cfg.n_layers * 2 * kv_dtype.row_bytes(cfg.n_kv_heads, cfg.head_dim)) as u64;
     let per_run = a.batch as u64 * (longest as u64 + 2 * DEFAULT_BLOCK_SIZE as u64);
     let engine_config = EngineConfig {
@@ -150,8 +151,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.gen_tokens > 0 {
         let rates = measure(a.repetitions, || {
             // The first token comes from the prompt's pass; the next gen_tokens are decode steps.
+            // Each sequence of a batch has a context of its own, as concurrent requests do (a
+            // shared one would be read from cache once for all of them).
             let prompts: Vec<Vec<u32>> =
-                (0..a.batch).map(|_| [context.as_slice(), &random_tokens(1)].concat()).collect();
+                (0..a.batch)
+                    .map(|i| {
+                        if i == 0 {
+                            [context.as_slice(), &random_tokens(1)].concat()
+                        } else {
+                            random_tokens(a.depth + 1)
+                        }
+                    })
+                    .collect();
             let decode_time = if a.batch == 1 {
                 run_request(&engine, prompts.into_iter().next().unwrap(), a.gen_tokens + 1)?.decode_time
             } else {

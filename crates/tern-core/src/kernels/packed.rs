@@ -90,17 +90,15 @@ impl PackedMatrix {
         // SAFETY: Line is 64 plain bytes; the view covers exactly the vector's storage.
         let out = unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64) };
         let bb = dtype.block_bytes();
+        let mut blk = Block16::default();
         for g in 0..groups {
             for b in 0..nb {
                 let dst = &mut out[(g * nb + b) * format.block_bytes..][..format.block_bytes];
+                blk.clear();
                 for lane in 0..GROUP.min(rows - g * GROUP) {
-                    let src = &w[(g * GROUP + lane) * row_bytes + b * bb..][..bb];
-                    match dtype {
-                        DType::Q4_K | DType::Q5_K => pack_k4(dtype, src, lane, dst),
-                        DType::Q6_K => pack_q6k(src, lane, dst),
-                        _ => pack_q32(dtype, src, lane, dst),
-                    }
+                    blk.decode(dtype, &w[(g * GROUP + lane) * row_bytes + b * bb..][..bb], lane);
                 }
+                blk.emit(dtype, dst);
             }
         }
         Ok(PackedMatrix { format, rows, cols, lines })
@@ -119,6 +117,24 @@ impl PackedMatrix {
         self.lines.len() * 64
     }
 
+    /// y = acts · Wᵀ (n_rows(acts) × rows), groups of rows split over the pool's threads.
+    pub fn matmul_parallel(&self, pool: &super::ThreadPool, acts: &super::QuantizedActs, y: &mut [f32]) -> Result<()> {
+        if !packing_supported(self.dtype()) {
+            bail!("packed {} weights need AVX-512 VNNI", self.dtype());
+        }
+        if !acts.matches(self.dtype()) || acts.k() != self.cols || acts.n_rows() * self.rows != y.len() {
+            bail!("packed matmul: activations or output do not match a {}×{} matrix", self.rows, self.cols);
+        }
+        let (groups, yp) = (self.groups(), SendPtr(y.as_mut_ptr()));
+        pool.run(|t, nt| {
+            let yp = &yp;
+            let g = groups * t / nt..groups * (t + 1) / nt;
+            // SAFETY: checked above; each thread writes the rows of its own groups.
+            unsafe { matmul_packed_groups(self, g, acts, yp.0, self.rows) };
+        });
+        Ok(())
+    }
+
     /// The first byte of group `g`.
     pub(crate) fn group_ptr(&self, g: usize) -> *const u8 {
         let nb = self.cols / self.format.dtype.block_len();
@@ -127,88 +143,162 @@ impl PackedMatrix {
     }
 }
 
-/// Byte offset of element e (0..4) of run `run` of row `lane` in a vector of runs.
-fn at(lane: usize, e: usize) -> usize {
-    4 * lane + e
+/// One block of a group's 16 rows, decoded: unsigned quants and the raw scale fields, from
+/// which each byte of the packed layout is computed once, in order.
+struct Block16 {
+    /// Quants of each row (32 or 256 used), value = d·u + m per the format.
+    u: [[u8; QK_K]; GROUP],
+    /// f16 bits: d (and m / dmin where the format stores it).
+    d: [u16; GROUP],
+    m: [u16; GROUP],
+    /// K-quant sub-block scales and mins (Q6_K: 16 signed scales).
+    sc: [[u8; 16]; GROUP],
+    mn: [[u8; 8]; GROUP],
 }
 
-/// Writes the quants `u` of one row's block (32 elements) at `q` (4-bit: 4 vectors of nibbles;
-/// 8-bit: 8 vectors of bytes) and its fifth bits at `qh` if given.
-fn put_runs32(u: &[u32], lane: usize, q: &mut [u8], wide: bool, qh: Option<&mut [u8]>) {
-    for (i, &v) in u.iter().enumerate() {
-        let (run, e) = (i / 4, i % 4);
-        if wide {
-            q[64 * run + at(lane, e)] = v as u8;
-        } else {
-            let (vec, shift) = if run < 4 { (run, 0) } else { (run - 4, 4) };
-            q[64 * vec + at(lane, e)] |= ((v & 0xF) as u8) << shift;
+impl Default for Block16 {
+    fn default() -> Self {
+        Block16 { u: [[0; QK_K]; GROUP], d: [0; GROUP], m: [0; GROUP], sc: [[0; 16]; GROUP], mn: [[0; 8]; GROUP] }
+    }
+}
+
+impl Block16 {
+    /// Padding rows are all zero (scale 0: they contribute nothing).
+    fn clear(&mut self) {
+        *self = Block16 { u: self.u, ..Default::default() };
+        self.u.iter_mut().for_each(|r| r.fill(0));
+    }
+
+    fn decode(&mut self, dtype: DType, src: &[u8], lane: usize) {
+        match dtype {
+            DType::Q4_K | DType::Q5_K => {
+                let (q, sc, mn, _, _) = k_block(dtype, src);
+                (self.d[lane], self.m[lane]) = (le_u16(src, 0), le_u16(src, 2));
+                for j in 0..8 {
+                    self.sc[lane][j] = sc[2 * j] as u8;
+                    self.mn[lane][j] = mn[2 * j] as u8;
+                }
+                self.u[lane].iter_mut().zip(q).for_each(|(u, q)| *u = q as u8);
+            }
+            DType::Q6_K => {
+                let (q, sc, _, _, _) = k_block(dtype, src);
+                self.d[lane] = le_u16(src, 208);
+                self.sc[lane].iter_mut().zip(sc).for_each(|(o, s)| *o = s as i8 as u8);
+                self.u[lane].iter_mut().zip(q).for_each(|(u, q)| *u = (q + 32) as u8);
+            }
+            _ => {
+                let (q, _, _) = q32_block(dtype, src);
+                let offset = match dtype {
+                    DType::Q4_0 => 8,
+                    DType::Q5_0 => 16,
+                    DType::Q8_0 => 128,
+                    _ => 0,
+                };
+                self.d[lane] = le_u16(src, 0);
+                if matches!(dtype, DType::Q4_1 | DType::Q5_1) {
+                    self.m[lane] = le_u16(src, 2);
+                }
+                self.u[lane][..QK].iter_mut().zip(q).for_each(|(u, q)| *u = (q + offset) as u8);
+            }
         }
     }
-    if let Some(qh) = qh {
-        for (i, &v) in u.iter().enumerate() {
-            let bit = at(lane, i % 4);
-            qh[8 * (i / 4) + bit / 8] |= (((v >> 4) & 1) as u8) << (bit % 8);
+
+    /// Element `i` of every row, in byte order of a vector of runs: byte 4·lane + e holds
+    /// element 4·(i / 4) + e of row lane; `f` maps (lane, element) to the byte.
+    fn runs(out: &mut [u8], f: impl Fn(usize, usize) -> u8) {
+        for (o, byte) in out[..64].iter_mut().enumerate() {
+            *byte = f(o / 4, o % 4);
         }
     }
-}
 
-fn put_f16(dst: &mut [u8], lane: usize, bits: u16) {
-    dst[2 * lane..2 * lane + 2].copy_from_slice(&bits.to_le_bytes());
-}
+    /// The 64-bit mask of bit 4 of run r's elements (bit 4·lane + e).
+    fn fifth_bits(&self, base: usize, r: usize) -> [u8; 8] {
+        let mut m = 0u64;
+        for lane in 0..GROUP {
+            for e in 0..4 {
+                m |= (((self.u[lane][base + 4 * r + e] >> 4) & 1) as u64) << (4 * lane + e);
+            }
+        }
+        m.to_le_bytes()
+    }
 
-fn pack_q32(dtype: DType, src: &[u8], lane: usize, dst: &mut [u8]) {
-    let (q, _, _) = q32_block(dtype, src);
-    let (offset, has_min, five, wide) = match dtype {
-        DType::Q4_0 => (8, false, false, false),
-        DType::Q4_1 => (0, true, false, false),
-        DType::Q5_0 => (16, false, true, false),
-        DType::Q5_1 => (0, true, true, false),
-        DType::Q8_0 => (128, false, false, true),
-        _ => unreachable!("not a 32-element type"),
-    };
-    let u: Vec<u32> = q.iter().map(|&v| (v + offset) as u32).collect();
-    put_f16(dst, lane, le_u16(src, 0));
-    let mut at_q = 32;
-    if has_min {
-        put_f16(&mut dst[32..], lane, le_u16(src, 2));
-        at_q += 32;
+    /// The 4-bit layout of the 32 elements from `base` (and their fifth bits) into `q` / `qh`.
+    fn emit_runs32(&self, base: usize, q: &mut [u8], qh: Option<&mut [u8]>) {
+        for t in 0..4 {
+            Self::runs(&mut q[64 * t..], |lane, e| {
+                let u = &self.u[lane][base..];
+                (u[4 * t + e] & 0xF) | (u[16 + 4 * t + e] << 4)
+            });
+        }
+        if let Some(qh) = qh {
+            for r in 0..8 {
+                qh[8 * r..8 * r + 8].copy_from_slice(&self.fifth_bits(base, r));
+            }
+        }
     }
-    let (qh, q) = dst[at_q..].split_at_mut(if five { 64 } else { 0 });
-    put_runs32(&u, lane, q, wide, five.then_some(qh));
-    debug_assert_eq!(QK, 32);
-}
 
-fn pack_k4(dtype: DType, src: &[u8], lane: usize, dst: &mut [u8]) {
-    let (q, sc, mn, _, _) = k_block(dtype, src);
-    put_f16(dst, lane, le_u16(src, 0));
-    put_f16(&mut dst[32..], lane, le_u16(src, 2));
-    for j in 0..8 {
-        dst[64 + 16 * j + lane] = sc[2 * j] as u8;
-        dst[192 + 16 * j + lane] = mn[2 * j] as u8;
-    }
-    let five = dtype == DType::Q5_K;
-    let (qh, qs) = dst[320..].split_at_mut(if five { 512 } else { 0 });
-    for j in 0..8 {
-        let u: Vec<u32> = q[32 * j..32 * j + 32].iter().map(|&v| v as u32).collect();
-        let qh = five.then(|| &mut qh[64 * j..64 * j + 64]);
-        put_runs32(&u, lane, &mut qs[256 * j..256 * j + 256], false, qh);
-    }
-    debug_assert_eq!(QK_K, 256);
-}
-
-fn pack_q6k(src: &[u8], lane: usize, dst: &mut [u8]) {
-    let (q, sc, _, _, _) = k_block(DType::Q6_K, src);
-    put_f16(dst, lane, le_u16(src, 208));
-    for (j, &s) in sc.iter().enumerate() {
-        dst[32 + 16 * j + lane] = s as i8 as u8;
-    }
-    let (ql, qh) = dst[288..].split_at_mut(2048);
-    for (i, &v) in q.iter().enumerate() {
-        let u = (v + 32) as u8;
-        let (run, e) = (i / 4, i % 4);
-        let (vec, shift) = if run < 32 { (run, 0) } else { (run - 32, 4) };
-        ql[64 * vec + at(lane, e)] |= (u & 0xF) << shift;
-        qh[64 * (run % 16) + at(lane, e)] |= (u >> 4) << (2 * (run / 16));
+    fn emit(&self, dtype: DType, dst: &mut [u8]) {
+        let put_f16 = |dst: &mut [u8], v: &[u16; GROUP]| {
+            for (o, x) in dst.chunks_exact_mut(2).zip(v) {
+                o.copy_from_slice(&x.to_le_bytes());
+            }
+        };
+        match dtype {
+            DType::Q4_K | DType::Q5_K => {
+                put_f16(&mut dst[..32], &self.d);
+                put_f16(&mut dst[32..64], &self.m);
+                for j in 0..8 {
+                    for lane in 0..GROUP {
+                        dst[64 + 16 * j + lane] = self.sc[lane][j];
+                        dst[192 + 16 * j + lane] = self.mn[lane][j];
+                    }
+                }
+                let five = dtype == DType::Q5_K;
+                let (qh, qs) = dst[320..].split_at_mut(if five { 512 } else { 0 });
+                for j in 0..8 {
+                    let qh = five.then(|| &mut qh[64 * j..64 * j + 64]);
+                    self.emit_runs32(32 * j, &mut qs[256 * j..256 * j + 256], qh);
+                }
+            }
+            DType::Q6_K => {
+                put_f16(&mut dst[..32], &self.d);
+                for j in 0..16 {
+                    for lane in 0..GROUP {
+                        dst[32 + 16 * j + lane] = self.sc[lane][j];
+                    }
+                }
+                let (ql, qh) = dst[288..].split_at_mut(2048);
+                for t in 0..32 {
+                    Self::runs(&mut ql[64 * t..], |lane, e| {
+                        let u = &self.u[lane];
+                        (u[4 * t + e] & 0xF) | ((u[4 * (t + 32) + e] & 0xF) << 4)
+                    });
+                }
+                for v in 0..16 {
+                    Self::runs(&mut qh[64 * v..], |lane, e| {
+                        (0..4).fold(0u8, |h, p| h | ((self.u[lane][4 * (v + 16 * p) + e] >> 4) << (2 * p)))
+                    });
+                }
+            }
+            _ => {
+                put_f16(&mut dst[..32], &self.d);
+                let has_min = matches!(dtype, DType::Q4_1 | DType::Q5_1);
+                let five = matches!(dtype, DType::Q5_0 | DType::Q5_1);
+                let mut at_q = 32;
+                if has_min {
+                    put_f16(&mut dst[32..64], &self.m);
+                    at_q += 32;
+                }
+                let (qh, q) = dst[at_q..].split_at_mut(if five { 64 } else { 0 });
+                if dtype == DType::Q8_0 {
+                    for r in 0..8 {
+                        Self::runs(&mut q[64 * r..], |lane, e| self.u[lane][4 * r + e]);
+                    }
+                } else {
+                    self.emit_runs32(0, q, five.then_some(qh));
+                }
+            }
+        }
     }
 }
 
@@ -242,3 +332,7 @@ pub unsafe fn matmul_packed_groups(
     #[cfg(target_arch = "x86_64")]
     super::avx512::matmul_groups(pm, groups, acts, y, ldy);
 }
+
+struct SendPtr(*mut f32);
+// SAFETY: threads write disjoint elements (the rows of disjoint groups).
+unsafe impl Sync for SendPtr {}

@@ -62,6 +62,35 @@ enum Elems {
     Fp8(Vec<E4m3>),
 }
 
+/// Element types whose all-zero bit pattern is a valid value (zero).
+///
+/// # Safety
+/// Implementors must be plain integers or `repr(transparent)` wrappers of them.
+unsafe trait ZeroBits: Copy {}
+// SAFETY: repr(transparent) over u16 / u8.
+unsafe impl ZeroBits for F16Bits {}
+unsafe impl ZeroBits for Bf16Bits {}
+unsafe impl ZeroBits for E4m3 {}
+
+/// `n` zeros from zeroed memory, so that pages are mapped only once written. (`vec![x; n]`
+/// does this for integers and floats, but writes every element of a wrapper type: a KV pool
+/// of gigabytes would then be resident from the start.)
+fn zeroed<T: ZeroBits>(n: usize) -> Vec<T> {
+    if n == 0 || std::mem::size_of::<T>() == 0 {
+        return Vec::new();
+    }
+    let layout = std::alloc::Layout::array::<T>(n).expect("KV buffer size overflows");
+    // SAFETY: the layout is non-zero-sized; all-zero bits are a valid T (ZeroBits); the
+    // pointer comes from the global allocator with this exact layout and capacity.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut T;
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(p, n, n)
+    }
+}
+
 /// Rows of positions, each `n_kv` heads of `head_dim`, in one storage type.
 pub struct KvRowBuf {
     n_kv: usize,
@@ -77,10 +106,10 @@ impl KvRowBuf {
         let n = n_rows * n_kv * head_dim;
         let elems = match dtype {
             KvDtype::F32 => Elems::F32(vec![0.0; n]),
-            KvDtype::F16 => Elems::F16(vec![F16Bits::default(); n]),
-            KvDtype::Bf16 => Elems::Bf16(vec![Bf16Bits::default(); n]),
+            KvDtype::F16 => Elems::F16(zeroed(n)),
+            KvDtype::Bf16 => Elems::Bf16(zeroed(n)),
             KvDtype::Int8 => Elems::Int8(vec![0; n]),
-            KvDtype::Fp8 => Elems::Fp8(vec![E4m3::default(); n]),
+            KvDtype::Fp8 => Elems::Fp8(zeroed(n)),
         };
         let scales = match dtype {
             KvDtype::Int8 | KvDtype::Fp8 => vec![0.0; n_rows * n_kv],

@@ -42,6 +42,9 @@ pub fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// attention scores of one query head against consecutive cached keys, in one SIMD loop.
 pub fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
     assert!(out.is_empty() || (out.len() - 1) * stride + q.len() <= rows.len(), "scaled_dots: rows too short");
+    if x512::fits(q.len()) {
+        return scaled_dots_narrow(q, rows, stride, NO_SCALES, 0, scale, out);
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() && q.len().is_multiple_of(8) {
         // SAFETY: AVX2+FMA checked; bounds asserted above.
@@ -70,6 +73,12 @@ pub trait KvElem: Copy + Sync {
     /// AVX2, FMA and F16C present; 8 elements readable at `p`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// 16 elements from `p` as f32 (divided by SIMD_SCALE).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL present; 16 elements readable at `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 /// f16 bits.
@@ -100,6 +109,11 @@ pub fn scaled_dots_narrow<E: KvElem>(
 ) {
     assert!(out.is_empty() || (out.len() - 1) * stride + q.len() <= rows.len(), "scaled_dots: rows too short");
     assert!(out.is_empty() || (out.len() - 1) * sstride < scales.len(), "scaled_dots: scales too short");
+    #[cfg(target_arch = "x86_64")]
+    if x512::fits(q.len()) {
+        // SAFETY: AVX-512 checked by `fits`; bounds asserted above.
+        return unsafe { x512::scaled_dots(q, rows, stride, scales, sstride, scale, out) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_f16c() && q.len().is_multiple_of(8) {
         // SAFETY: AVX2+FMA+F16C checked; bounds asserted above.
@@ -134,6 +148,11 @@ pub fn weighted_sum_narrow<E: KvElem>(
 ) {
     assert!(w.is_empty() || (w.len() - 1) * stride + out.len() <= rows.len(), "weighted_sum: rows too short");
     assert!(w.is_empty() || (w.len() - 1) * sstride < scales.len(), "weighted_sum: scales too short");
+    #[cfg(target_arch = "x86_64")]
+    if x512::fits(out.len()) {
+        // SAFETY: AVX-512 checked by `fits`; bounds asserted above.
+        return unsafe { x512::weighted_sum(w, rows, stride, scales, sstride, out) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_f16c() && out.len().is_multiple_of(8) {
         // SAFETY: AVX2+FMA+F16C checked; bounds asserted above.
@@ -181,6 +200,12 @@ impl KvElem for f32 {
     unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
 }
 
 impl KvElem for i8 {
@@ -193,6 +218,13 @@ impl KvElem for i8 {
     unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16(p: *const i8) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     }
 }
 
@@ -207,6 +239,13 @@ impl KvElem for F16Bits {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16(p: *const F16Bits) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
 }
 
 impl KvElem for Bf16Bits {
@@ -220,6 +259,14 @@ impl KvElem for Bf16Bits {
         use std::arch::x86_64::*;
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16(p: *const Bf16Bits) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
     }
 }
 
@@ -238,6 +285,223 @@ impl KvElem for E4m3 {
         let sign = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8);
         let em = _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7);
         _mm256_cvtph_ps(_mm_or_si128(sign, em))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn load16(p: *const E4m3) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+        let sign = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8);
+        let em = _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7);
+        _mm512_cvtph_ps(_mm256_or_si256(sign, em))
+    }
+}
+
+/// The attention loops on 512-bit registers: a head of up to 128 values stays in 8 registers,
+/// and 16 positions' dot products are reduced together (a transpose-and-add tree of 45
+/// shuffles and adds instead of 16 separate horizontal sums).
+mod x512 {
+    /// Whether the AVX-512 loops run for heads of `d` values on this CPU.
+    pub fn fits(d: usize) -> bool {
+        cfg!(target_arch = "x86_64")
+            && d.is_multiple_of(16)
+            && d <= 16 * MAX_CHUNKS
+            && crate::kernels::cpu_level() >= crate::kernels::CpuLevel::Avx512
+    }
+
+    pub const MAX_CHUNKS: usize = 8;
+
+    #[cfg(target_arch = "x86_64")]
+    pub use imp::*;
+
+    #[cfg(target_arch = "x86_64")]
+    mod imp {
+        use super::MAX_CHUNKS;
+        use crate::model::ops::KvElem;
+        use std::arch::x86_64::*;
+
+        /// Lane i of the result = the sum of v[i]'s 16 lanes.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn reduce16(v: &[__m512; 16]) -> __m512 {
+            // Pairs: per 128-bit block, [x0+x2, y0+y2, x1+x3, y1+y3].
+            let a: [__m512; 8] = std::array::from_fn(|i| {
+                let (x, y) = (v[2 * i], v[2 * i + 1]);
+                _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y))
+            });
+            // Quads: per 128-bit block, the block sums of v[4i..4i+4].
+            let b: [__m512; 4] = std::array::from_fn(|i| {
+                let (x, y) = (a[2 * i], a[2 * i + 1]);
+                _mm512_add_ps(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xEE>(x, y))
+            });
+            // Then the four blocks of each.
+            let c: [__m512; 2] = std::array::from_fn(|i| {
+                let (x, y) = (b[2 * i], b[2 * i + 1]);
+                _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(x, y), _mm512_shuffle_f32x4::<0xDD>(x, y))
+            });
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(c[0], c[1]), _mm512_shuffle_f32x4::<0xDD>(c[0], c[1]))
+        }
+
+        /// e^x for 16 lanes: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor polynomial
+        /// to r⁶ (relative error < 2e-7), times 2^n by `vscalefps` (which also gives 0 for
+        /// very negative x and +inf past the range).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn exp16(x: __m512) -> __m512 {
+            let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+                x,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+            ));
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+            let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+            let mut p = _mm512_set1_ps(1.0 / 720.0);
+            for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+            }
+            _mm512_scalef_ps(p, n)
+        }
+
+        /// Lanes of `x[i..]` that exist, as a mask (all 16 but at the end).
+        #[inline]
+        fn tail(len: usize, i: usize) -> __mmask16 {
+            let left = (len - i).min(16);
+            ((1u32 << left) - 1) as __mmask16
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        pub unsafe fn softmax(x: &mut [f32]) {
+            let p = x.as_mut_ptr();
+            let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+            for i in (0..x.len()).step_by(16) {
+                let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail(x.len(), i), p.add(i));
+                m = _mm512_max_ps(m, v);
+            }
+            let max = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+            let mut sum = _mm512_setzero_ps();
+            for i in (0..x.len()).step_by(16) {
+                let k = tail(x.len(), i);
+                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), max));
+                let e = _mm512_maskz_mov_ps(k, e);
+                sum = _mm512_add_ps(sum, e);
+                _mm512_mask_storeu_ps(p.add(i), k, e);
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            for i in (0..x.len()).step_by(16) {
+                let k = tail(x.len(), i);
+                _mm512_mask_storeu_ps(p.add(i), k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p.add(i)), inv));
+            }
+        }
+
+        /// Requires gate.len() == up.len().
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+            let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+            let one = _mm512_set1_ps(1.0);
+            for i in (0..gate.len()).step_by(16) {
+                let k = tail(gate.len(), i);
+                let x = _mm512_maskz_loadu_ps(k, g.add(i));
+                let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+                let y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_maskz_loadu_ps(k, u.add(i)));
+                _mm512_mask_storeu_ps(g.add(i), k, y);
+            }
+        }
+
+        /// Calls `$f::<E, NQ>` for the run-time chunk count (1..=8), so that the head's
+        /// registers are a fixed-size array the compiler keeps in registers.
+        macro_rules! by_chunks {
+            ($f:ident, $nq:expr, $($args:expr),*) => {
+                match $nq {
+                    1 => $f::<E, 1>($($args),*),
+                    2 => $f::<E, 2>($($args),*),
+                    3 => $f::<E, 3>($($args),*),
+                    4 => $f::<E, 4>($($args),*),
+                    5 => $f::<E, 5>($($args),*),
+                    6 => $f::<E, 6>($($args),*),
+                    7 => $f::<E, 7>($($args),*),
+                    _ => $f::<E, MAX_CHUNKS>($($args),*),
+                }
+            };
+        }
+
+        /// out[j] = scale · scales[j·sstride] · dot(q, row j). Requires `fits(q.len())` and
+        /// every row and scale in bounds.
+        pub unsafe fn scaled_dots<E: KvElem>(
+            q: &[f32],
+            rows: &[E],
+            stride: usize,
+            scales: &[f32],
+            sstride: usize,
+            scale: f32,
+            out: &mut [f32],
+        ) {
+            by_chunks!(scaled_dots_n, q.len() / 16, q, rows, stride, scales, sstride, scale, out)
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn scaled_dots_n<E: KvElem, const NQ: usize>(
+            q: &[f32],
+            rows: &[E],
+            stride: usize,
+            scales: &[f32],
+            sstride: usize,
+            scale: f32,
+            out: &mut [f32],
+        ) {
+            let qv: [__m512; NQ] = std::array::from_fn(|c| _mm512_loadu_ps(q.as_ptr().add(16 * c)));
+            let scale = scale * E::SIMD_SCALE;
+            for (j0, o) in (0..out.len()).step_by(16).zip(out.chunks_mut(16)) {
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for (jj, a) in acc.iter_mut().enumerate().take(o.len()) {
+                    let r = rows.as_ptr().add((j0 + jj) * stride);
+                    for c in 0..NQ {
+                        *a = _mm512_fmadd_ps(qv[c], E::load16(r.add(16 * c)), *a);
+                    }
+                }
+                let mut sums = [0f32; 16];
+                _mm512_storeu_ps(sums.as_mut_ptr(), reduce16(&acc));
+                for (jj, o) in o.iter_mut().enumerate() {
+                    *o = scale * scales[(j0 + jj) * sstride] * sums[jj];
+                }
+            }
+        }
+
+        /// out += Σ_j w[j] · scales[j·sstride] · row j. Requires `fits(out.len())` and every
+        /// row and scale in bounds.
+        pub unsafe fn weighted_sum<E: KvElem>(
+            w: &[f32],
+            rows: &[E],
+            stride: usize,
+            scales: &[f32],
+            sstride: usize,
+            out: &mut [f32],
+        ) {
+            by_chunks!(weighted_sum_n, out.len() / 16, w, rows, stride, scales, sstride, out)
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+        unsafe fn weighted_sum_n<E: KvElem, const NQ: usize>(
+            w: &[f32],
+            rows: &[E],
+            stride: usize,
+            scales: &[f32],
+            sstride: usize,
+            out: &mut [f32],
+        ) {
+            let o = out.as_mut_ptr();
+            let mut acc: [__m512; NQ] = std::array::from_fn(|c| _mm512_loadu_ps(o.add(16 * c)));
+            for (j, &wj) in w.iter().enumerate() {
+                let r = rows.as_ptr().add(j * stride);
+                let wv = _mm512_set1_ps(wj * scales[j * sstride] * E::SIMD_SCALE);
+                for c in 0..NQ {
+                    acc[c] = _mm512_fmadd_ps(wv, E::load16(r.add(16 * c)), acc[c]);
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(o.add(16 * c), *a);
+            }
+        }
     }
 }
 
@@ -371,6 +635,16 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// gate <- silu(gate) * up
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "silu_mul: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if x512::fits(16) {
+        // SAFETY: AVX-512 checked by `fits`; equal lengths asserted.
+        return unsafe { x512::silu_mul(gate, up) };
+    }
+    silu_mul_scalar(gate, up)
+}
+
+pub fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
@@ -384,6 +658,15 @@ pub fn add_in_place(x: &mut [f32], y: &[f32]) {
 
 /// In-place softmax.
 pub fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x512::fits(16) {
+        // SAFETY: AVX-512 checked by `fits`.
+        return unsafe { x512::softmax(x) };
+    }
+    softmax_scalar(x)
+}
+
+pub fn softmax_scalar(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in x.iter_mut() {
@@ -400,6 +683,28 @@ pub fn softmax(x: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    #[test]
+    fn softmax_and_silu_match_scalar() {
+        let mut rng = Rng::new(5);
+        for n in [1, 5, 16, 37, 300] {
+            // Wide ranges: large negative scores (exp underflows) and large activations.
+            let x: Vec<f32> = (0..n).map(|_| 30.0 * rng.normal()).collect();
+            let (mut got, mut want) = (x.clone(), x.clone());
+            softmax(&mut got);
+            softmax_scalar(&mut want);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-6 + 1e-5 * b, "softmax n {n}: {a} vs {b}");
+            }
+            let up: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+            let (mut got, mut want) = (x.clone(), x.clone());
+            silu_mul(&mut got, &up);
+            silu_mul_scalar(&mut want, &up);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "silu n {n}: {a} vs {b}");
+            }
+        }
+    }
 
     #[test]
     fn attention_loops_match_scalar() {
