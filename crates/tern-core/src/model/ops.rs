@@ -455,8 +455,8 @@ mod x512 {
                 let mut acc = [_mm512_setzero_ps(); 16];
                 for (jj, a) in acc.iter_mut().enumerate().take(o.len()) {
                     let r = rows.as_ptr().add((j0 + jj) * stride);
-                    for c in 0..NQ {
-                        *a = _mm512_fmadd_ps(qv[c], E::load16(r.add(16 * c)), *a);
+                    for (c, q) in qv.iter().enumerate() {
+                        *a = _mm512_fmadd_ps(*q, E::load16(r.add(16 * c)), *a);
                     }
                 }
                 let mut sums = [0f32; 16];
@@ -494,8 +494,8 @@ mod x512 {
             for (j, &wj) in w.iter().enumerate() {
                 let r = rows.as_ptr().add(j * stride);
                 let wv = _mm512_set1_ps(wj * scales[j * sstride] * E::SIMD_SCALE);
-                for c in 0..NQ {
-                    acc[c] = _mm512_fmadd_ps(wv, E::load16(r.add(16 * c)), acc[c]);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(wv, E::load16(r.add(16 * c)), *a);
                 }
             }
             for (c, a) in acc.iter().enumerate() {
