@@ -5,7 +5,7 @@
 //! Prefill: 512 activation rows (GFLOP/s, 2·k·n·rows flops), skipped for vocabulary-sized
 //! matrices. Activations are quantized before timing (their cost is reported separately).
 //! `--shape SUBSTR` keeps only the shapes whose name contains SUBSTR. `--packed` runs the
-//! AVX-512 kernels over row-interleaved weights (the decoder's path where the CPU has them).
+//! AVX2 / AVX-512 kernels over row-interleaved weights (the decoder's path where the CPU has them).
 
 use std::time::Instant;
 use tern_core::kernels::{cpu_features, matmul_parallel, DType, PackedMatrix, QuantizedActs, ThreadPool};

@@ -1,6 +1,6 @@
 //! CPU kernels: GGML block types, dequantization, activation quantization, quantized and
-//! float matrix multiplication (scalar reference + AVX2 SIMD chosen at run time, and AVX-512
-//! VNNI kernels over row-interleaved packed weights), and the thread pool they run on.
+//! float matrix multiplication (scalar reference + AVX2 SIMD chosen at run time, and AVX2 and
+//! AVX-512 VNNI kernels over row-interleaved packed weights), and the thread pool they run on.
 
 mod acts;
 mod blocks;

@@ -1,4 +1,4 @@
-//! Weights repacked for the AVX-512 VNNI kernels: 16 rows interleaved.
+//! Weights repacked for the AVX-512 VNNI and AVX2 kernels: 16 rows interleaved.
 //!
 //! GGUF stores a matrix row by row, so a kernel that multiplies one weight block by one
 //! activation block must unpack the block, dot 32 values and reduce them horizontally before
@@ -8,7 +8,8 @@
 //! four activation bytes broadcast to every lane computes four products for each of the 16 rows
 //! at once, the 16 sums land in the 16 lanes of one register, and the block's 16 scales are one
 //! vector. Unpacked weights are reused by every activation row of a tile. This is the layout
-//! idea of llama.cpp's repacked CPU buffers (`q4_0_8x8` and kin), on 512-bit registers.
+//! idea of llama.cpp's repacked CPU buffers (`q4_0_8x8` and kin), on 512-bit registers; AVX2
+//! takes each 64-byte vector as two halves of 8 rows (`kernels::avx2::packed`).
 //!
 //! Every format is decoded to unsigned quants u with value = d·u + m (the signed formats get an
 //! offset: u = q + 8 for Q4_0, + 16 for Q5_0, + 128 for Q8_0, and m = -offset·d is computed in
@@ -120,7 +121,7 @@ impl PackedMatrix {
     /// y = acts · Wᵀ (n_rows(acts) × rows), groups of rows split over the pool's threads.
     pub fn matmul_parallel(&self, pool: &super::ThreadPool, acts: &super::QuantizedActs, y: &mut [f32]) -> Result<()> {
         if !packing_supported(self.dtype()) {
-            bail!("packed {} weights need AVX-512 VNNI", self.dtype());
+            bail!("packed {} weights need AVX2", self.dtype());
         }
         if !acts.matches(self.dtype()) || acts.k() != self.cols || acts.n_rows() * self.rows != y.len() {
             bail!("packed matmul: activations or output do not match a {}×{} matrix", self.rows, self.cols);
@@ -302,12 +303,55 @@ impl Block16 {
     }
 }
 
-/// Whether matrices of `dtype` get packed on this CPU (AVX-512 F/BW/VL/VNNI in use, and a
-/// packed kernel for the type).
+/// Whether matrices of `dtype` get packed on this CPU (a packed kernel for the type at the
+/// level the kernels use).
 pub fn packing_supported(dtype: DType) -> bool {
+    packed_kernel_at(super::cpu::cpu_level(), dtype)
+}
+
+/// Whether `level` has a packed kernel for `dtype`. AVX2 has none for Q6_K: with one
+/// activation row (decode) its packed kernel read weights from DRAM 1.5x slower than the
+/// row-major one (`kernel_bench q6_k --shape dram`, 1 thread: 12.9 against 19 GB/s), where the
+/// other types gain, and the GGUF mixes put their output head in Q6_K.
+pub(crate) fn packed_kernel_at(level: super::cpu::CpuLevel, dtype: DType) -> bool {
+    use super::cpu::CpuLevel;
     cfg!(target_arch = "x86_64")
-        && super::cpu::cpu_level() >= super::cpu::CpuLevel::Avx512
         && Format::of(dtype).is_some()
+        && match level {
+            CpuLevel::Avx512 => true,
+            CpuLevel::Avx2 => dtype != DType::Q6_K,
+            CpuLevel::Scalar => false,
+        }
+}
+
+/// Activation bytes per chunk: kept well inside L2 so that they are reused from there while
+/// every weight group of the thread's range passes over them.
+const ACT_CHUNK_BYTES: usize = 32 * 1024;
+
+/// Calls `tile(g, c0, nc)` for every group of `groups` and every tile of at most `c_max` of
+/// the `n_acts` activation rows (of `cols` bytes each): activation rows outer, in chunks that
+/// stay in L2, then groups, then the chunk's tiles.
+pub(crate) fn walk_tiles(
+    groups: std::ops::Range<usize>,
+    n_acts: usize,
+    cols: usize,
+    c_max: usize,
+    mut tile: impl FnMut(usize, usize, usize),
+) {
+    let chunk = (ACT_CHUNK_BYTES / cols.max(1)).max(c_max) / c_max * c_max;
+    let mut a0 = 0;
+    while a0 < n_acts {
+        let a1 = (a0 + chunk).min(n_acts);
+        for g in groups.clone() {
+            let mut c0 = a0;
+            while c0 < a1 {
+                let nc = c_max.min(a1 - c0);
+                tile(g, c0, nc);
+                c0 += nc;
+            }
+        }
+        a0 = a1;
+    }
 }
 
 /// y[i * ldy + r] = dot(W[r, :], act[i, :]) for the rows of groups `groups` (rows
@@ -324,13 +368,37 @@ pub unsafe fn matmul_packed_groups(
     y: *mut f32,
     ldy: usize,
 ) {
-    assert!(packing_supported(pm.dtype()), "packed {} weights need AVX-512 VNNI", pm.dtype());
+    assert!(packing_supported(pm.dtype()), "packed {} weights need AVX2", pm.dtype());
+    matmul_packed_groups_at(super::cpu::cpu_level(), pm, groups, acts, y, ldy);
+}
+
+/// [`matmul_packed_groups`] with the kernels of `level` (AVX2 or AVX-512; tests run both).
+///
+/// # Safety
+/// As `matmul_packed_groups`, and this CPU supports `level`.
+pub(crate) unsafe fn matmul_packed_groups_at(
+    level: super::cpu::CpuLevel,
+    pm: &PackedMatrix,
+    groups: std::ops::Range<usize>,
+    acts: &super::QuantizedActs,
+    y: *mut f32,
+    ldy: usize,
+) {
     assert!(
         acts.matches(pm.dtype()) && acts.k() == pm.cols && groups.end <= pm.groups(),
         "matmul_packed_groups: weights/activations do not match"
     );
+    assert!(
+        packed_kernel_at(level, pm.dtype()) && level <= super::cpu::cpu_features().detected,
+        "no packed {} kernel at {level:?}",
+        pm.dtype()
+    );
     #[cfg(target_arch = "x86_64")]
-    super::avx512::matmul_groups(pm, groups, acts, y, ldy);
+    if level >= super::cpu::CpuLevel::Avx512 {
+        super::avx512::matmul_groups(pm, groups, acts, y, ldy);
+    } else {
+        super::avx2::packed::matmul_groups(pm, groups, acts, y, ldy);
+    }
 }
 
 struct SendPtr(*mut f32);

@@ -7,7 +7,7 @@ use super::dequant::dequantize_row;
 use super::dot_scalar::dot_row;
 use super::dtype::{DType, QK, QK_K};
 use super::matmul::{kernel_for, matmul, matmul_parallel, run_tiles, Mm};
-use super::packed::{matmul_packed_groups, packing_supported, PackedMatrix};
+use super::packed::{matmul_packed_groups_at, packed_kernel_at, PackedMatrix};
 use super::thread_pool::ThreadPool;
 
 /// xorshift64*: deterministic test data without a dependency.
@@ -152,31 +152,33 @@ fn run_level(level: CpuLevel, dtype: DType, w: &[u8], k: usize, n: usize, qa: &Q
     y
 }
 
-/// The packed kernel for all rows, written with a row stride 2 wider than the matrix: the two
-/// extra columns must stay untouched (NaN), so padding rows of a group are never stored.
-fn run_packed(pm: &PackedMatrix, n: usize, qa: &QuantizedActs) -> Vec<f32> {
+/// The packed kernel of `level` for all rows, written with a row stride 2 wider than the
+/// matrix: the two extra columns must stay untouched (NaN), so padding rows of a group are
+/// never stored.
+fn run_packed(level: CpuLevel, pm: &PackedMatrix, n: usize, qa: &QuantizedActs) -> Vec<f32> {
     let ldy = n + 2;
     let mut y = vec![f32::NAN; qa.n_rows() * ldy];
-    unsafe { matmul_packed_groups(pm, 0..pm.groups(), qa, y.as_mut_ptr(), ldy) };
+    unsafe { matmul_packed_groups_at(level, pm, 0..pm.groups(), qa, y.as_mut_ptr(), ldy) };
     for (i, row) in y.chunks_exact(ldy).enumerate() {
         assert!(row[n..].iter().all(|v| v.is_nan()), "packed {}: row {i} written past its {n} outputs", pm.dtype());
     }
     y.chunks_exact(ldy).flat_map(|row| row[..n].to_vec()).collect()
 }
 
-/// Each kernel of a dtype: row-major ones at every CPU level here, and the packed one.
+/// Each kernel of a dtype: row-major ones at every CPU level here, and the packed ones
+/// (AVX2, and AVX-512 VNNI where the CPU has it).
 #[derive(Debug, Clone, Copy)]
 enum Path {
     Level(CpuLevel),
-    Packed,
+    Packed(CpuLevel),
 }
 
 fn paths(dtype: DType) -> Vec<Path> {
-    let mut v: Vec<Path> = levels().into_iter().map(Path::Level).collect();
-    if packing_supported(dtype) {
-        v.push(Path::Packed);
-    } else if super::packed::Format::of(dtype).is_some() {
-        eprintln!("{dtype}: packed kernel not tested (this CPU has no AVX-512 VNNI, or it is disabled)");
+    let levels = levels();
+    let mut v: Vec<Path> = levels.iter().map(|&l| Path::Level(l)).collect();
+    v.extend(levels.iter().filter(|&&l| packed_kernel_at(l, dtype)).map(|&l| Path::Packed(l)));
+    if packed_kernel_at(CpuLevel::Avx512, dtype) && cpu_features().detected < CpuLevel::Avx512 {
+        eprintln!("{dtype}: packed AVX-512 kernel not tested (this CPU has no AVX-512 VNNI)");
     }
     v
 }
@@ -184,7 +186,7 @@ fn paths(dtype: DType) -> Vec<Path> {
 fn run_path(path: Path, dtype: DType, w: &[u8], k: usize, n: usize, qa: &QuantizedActs) -> Vec<f32> {
     match path {
         Path::Level(level) => run_level(level, dtype, w, k, n, qa),
-        Path::Packed => run_packed(&PackedMatrix::pack(dtype, w, n, k).unwrap(), n, qa),
+        Path::Packed(level) => run_packed(level, &PackedMatrix::pack(dtype, w, n, k).unwrap(), n, qa),
     }
 }
 

@@ -47,7 +47,7 @@ pub struct Matrix {
     /// I8/F8E4M3 matrices: the stored values times these are the weights (one per row, or
     /// one for the whole matrix).
     pub row_scale: Option<Arc<Vec<f32>>>,
-    /// The same values regrouped for the AVX-512 kernels (see `kernels::PackedMatrix`); the
+    /// The same values regrouped for the AVX2 / AVX-512 kernels (see `kernels::PackedMatrix`); the
     /// CPU decoder's products read this instead of `bytes` where it exists.
     pub packed: Option<Arc<PackedMatrix>>,
 }

@@ -7,6 +7,7 @@
 mod float;
 mod i8row;
 mod kquants;
+pub(crate) mod packed;
 mod q32;
 pub(crate) mod quantize;
 mod util;

@@ -15,13 +15,9 @@ mod q32;
 
 use super::acts::QuantizedActs;
 use super::dtype::DType;
-use super::packed::{PackedMatrix, GROUP};
+use super::packed::{walk_tiles, PackedMatrix, GROUP};
 use std::arch::x86_64::*;
 use std::ops::Range;
-
-/// Activation bytes per chunk: kept well inside L2 so that they are reused from there while
-/// every weight group of the thread's range passes over them.
-const ACT_CHUNK_BYTES: usize = 32 * 1024;
 
 /// What a tile kernel sees.
 pub(crate) struct Tile<'a> {
@@ -68,21 +64,7 @@ pub(crate) unsafe fn matmul_groups(
         other => unreachable!("no packed kernel for {other}"),
     };
     let t = Tile { pm, acts, y, ldy };
-    let n = acts.n_rows();
-    let chunk = (ACT_CHUNK_BYTES / pm.cols.max(1)).max(c_max) / c_max * c_max;
-    let mut a0 = 0;
-    while a0 < n {
-        let a1 = (a0 + chunk).min(n);
-        for g in groups.clone() {
-            let mut c0 = a0;
-            while c0 < a1 {
-                let nc = c_max.min(a1 - c0);
-                tile(&t, g, c0, nc);
-                c0 += nc;
-            }
-        }
-        a0 = a1;
-    }
+    walk_tiles(groups, acts.n_rows(), pm.cols, c_max, |g, c0, nc| tile(&t, g, c0, nc));
 }
 
 /// Calls `$f::<$($g,)* NC>($args)` for a run-time `nc` in 1..=8.
