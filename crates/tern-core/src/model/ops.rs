@@ -42,17 +42,7 @@ pub fn axpy_scalar(alpha: f32, x: &[f32], y: &mut [f32]) {
 /// attention scores of one query head against consecutive cached keys, in one SIMD loop.
 pub fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
     assert!(out.is_empty() || (out.len() - 1) * stride + q.len() <= rows.len(), "scaled_dots: rows too short");
-    if x512::fits(q.len()) {
-        return scaled_dots_narrow(q, rows, stride, NO_SCALES, 0, scale, out);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() && q.len().is_multiple_of(8) {
-        // SAFETY: AVX2+FMA checked; bounds asserted above.
-        return unsafe { x86::scaled_dots(q, rows, stride, scale, out) };
-    }
-    for (j, o) in out.iter_mut().enumerate() {
-        *o = scale * dot_scalar(q, &rows[j * stride..j * stride + q.len()]);
-    }
+    scaled_dots_narrow(q, rows, stride, NO_SCALES, 0, scale, out)
 }
 
 /// out += Σ_j w[j] · row j, where row j is `rows[j * stride..][..out.len()]`: one query
@@ -518,24 +508,31 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)))
     }
 
-    /// Requires q.len() % 8 == 0 and every row in bounds.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scaled_dots(q: &[f32], rows: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-        let d = q.len();
-        for (j, o) in out.iter_mut().enumerate() {
-            let r = rows.as_ptr().add(j * stride);
-            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut i = 0;
-            while i + 16 <= d {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), _mm256_loadu_ps(r.add(i)), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i + 8)), _mm256_loadu_ps(r.add(i + 8)), a1);
-                i += 16;
+    /// Lane i of the result = the sum of v[i]'s 8 lanes (the same tree for every lane).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn reduce8(v: &[__m256; 8]) -> __m256 {
+        let a: [__m256; 4] = std::array::from_fn(|i| _mm256_hadd_ps(v[2 * i], v[2 * i + 1]));
+        // Per 128-bit half: the half-sums of v[0..4] (b0) and v[4..8] (b1).
+        let (b0, b1) = (_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(b0, b1), _mm256_permute2f128_ps::<0x31>(b0, b1))
+    }
+
+    /// The dots of q with n ≤ 8 consecutive rows from `r`: one accumulator per row, so the
+    /// rows' FMA chains run side by side, then one transpose-and-add tree.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dots8<E: super::KvElem>(q: &[f32], r: *const E, stride: usize, n: usize) -> [f32; 8] {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for i in (0..q.len()).step_by(8) {
+            let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+            for (jj, a) in acc.iter_mut().enumerate().take(n) {
+                *a = _mm256_fmadd_ps(qv, E::load8(r.add(jj * stride + i)), *a);
             }
-            if i < d {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), _mm256_loadu_ps(r.add(i)), a0);
-            }
-            *o = scale * hsum(_mm256_add_ps(a0, a1));
         }
+        let mut sums = [0f32; 8];
+        _mm256_storeu_ps(sums.as_mut_ptr(), reduce8(&acc));
+        sums
     }
 
     /// Requires q.len() % 8 == 0 and every row and scale in bounds.
@@ -549,17 +546,14 @@ mod x86 {
         scale: f32,
         out: &mut [f32],
     ) {
-        let d = q.len();
         let scale = scale * E::SIMD_SCALE;
-        for (j, o) in out.iter_mut().enumerate() {
-            let r = rows.as_ptr().add(j * stride);
-            let mut a = _mm256_setzero_ps();
-            let mut i = 0;
-            while i < d {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(q.as_ptr().add(i)), E::load8(r.add(i)), a);
-                i += 8;
+        for (j0, o) in (0..out.len()).step_by(8).zip(out.chunks_mut(8)) {
+            let r = rows.as_ptr().add(j0 * stride);
+            // Full chunks get the loop with its row count fixed (unrolled).
+            let sums = if o.len() == 8 { dots8(q, r, stride, 8) } else { dots8(q, r, stride, o.len()) };
+            for (jj, o) in o.iter_mut().enumerate() {
+                *o = scale * scales[(j0 + jj) * sstride] * sums[jj];
             }
-            *o = scale * scales[j * sstride] * hsum(a);
         }
     }
 
@@ -573,27 +567,111 @@ mod x86 {
         sstride: usize,
         out: &mut [f32],
     ) {
+        // Up to 64 values of the head at a time stay in registers across all rows.
         let d = out.len();
-        let o = out.as_mut_ptr();
-        let mut i = 0;
-        while i < d {
-            let n = (d - i).min(32) / 8;
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (a, acc) in acc.iter_mut().enumerate().take(n) {
-                *acc = _mm256_loadu_ps(o.add(i + 8 * a));
+        for i in (0..d).step_by(64) {
+            let o = &mut out[i..(i + 64).min(d)];
+            let r = rows.as_ptr().add(i);
+            match o.len() / 8 {
+                1 => weighted_sum_n::<E, 1>(w, r, stride, scales, sstride, o),
+                2 => weighted_sum_n::<E, 2>(w, r, stride, scales, sstride, o),
+                3 => weighted_sum_n::<E, 3>(w, r, stride, scales, sstride, o),
+                4 => weighted_sum_n::<E, 4>(w, r, stride, scales, sstride, o),
+                5 => weighted_sum_n::<E, 5>(w, r, stride, scales, sstride, o),
+                6 => weighted_sum_n::<E, 6>(w, r, stride, scales, sstride, o),
+                7 => weighted_sum_n::<E, 7>(w, r, stride, scales, sstride, o),
+                _ => weighted_sum_n::<E, 8>(w, r, stride, scales, sstride, o),
             }
-            for (j, &wj) in w.iter().enumerate() {
-                let r = rows.as_ptr().add(j * stride + i);
-                let wv = _mm256_set1_ps(wj * scales[j * sstride] * E::SIMD_SCALE);
-                for (a, acc) in acc.iter_mut().enumerate().take(n) {
-                    *acc = _mm256_fmadd_ps(wv, E::load8(r.add(8 * a)), *acc);
-                }
-            }
-            for (a, acc) in acc.iter().enumerate().take(n) {
-                _mm256_storeu_ps(o.add(i + 8 * a), *acc);
-            }
-            i += 8 * n;
         }
+    }
+
+    /// out (8·NQ values) += Σ_j w[j] · scales[j·sstride] · row j, rows from `r`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_sum_n<E: super::KvElem, const NQ: usize>(
+        w: &[f32],
+        r: *const E,
+        stride: usize,
+        scales: &[f32],
+        sstride: usize,
+        out: &mut [f32],
+    ) {
+        let o = out.as_mut_ptr();
+        let mut acc: [__m256; NQ] = std::array::from_fn(|c| _mm256_loadu_ps(o.add(8 * c)));
+        for (j, &wj) in w.iter().enumerate() {
+            let row = r.add(j * stride);
+            let wv = _mm256_set1_ps(wj * scales[j * sstride] * E::SIMD_SCALE);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv, E::load8(row.add(8 * c)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(o.add(8 * c), *a);
+        }
+    }
+
+    /// e^x for 8 lanes: x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its Taylor polynomial to
+    /// r⁶ (relative error < 2e-7), times 2^n built in the exponent bits. x is clamped to
+    /// [-87, 88], where 2^n stays a normal float (e^-87 ≈ 1.6e-38 stands in for 0).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+            x,
+            _mm256_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(pow2))
+    }
+
+    /// In-place softmax, 8 lanes at a time (the tail in scalar code with the same exp).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn softmax(x: &mut [f32]) {
+        let n8 = x.len() / 8 * 8;
+        let p = x.as_mut_ptr();
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        for i in (0..n8).step_by(8) {
+            m = _mm256_max_ps(m, _mm256_loadu_ps(p.add(i)));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let max = x[n8..].iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = _mm256_setzero_ps();
+        for i in (0..n8).step_by(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), _mm256_set1_ps(max)));
+            sum = _mm256_add_ps(sum, e);
+            _mm256_storeu_ps(p.add(i), e);
+        }
+        let mut total = hsum(sum);
+        for v in x[n8..].iter_mut() {
+            *v = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*v - max)));
+            total += *v;
+        }
+        let inv = 1.0 / total;
+        x.iter_mut().for_each(|v| *v *= inv);
+    }
+
+    /// gate <- silu(gate) · up, 8 lanes at a time. Requires gate.len() == up.len().
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        let n8 = gate.len() / 8 * 8;
+        let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..n8).step_by(8) {
+            let x = _mm256_loadu_ps(g.add(i));
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+            _mm256_storeu_ps(
+                g.add(i),
+                _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u.add(i))),
+            );
+        }
+        super::silu_mul_scalar(&mut gate[n8..], &up[n8..]);
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -641,6 +719,11 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
         // SAFETY: AVX-512 checked by `fits`; equal lengths asserted.
         return unsafe { x512::silu_mul(gate, up) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_f16c() {
+        // SAFETY: AVX2+FMA+F16C checked; equal lengths asserted.
+        return unsafe { x86::silu_mul(gate, up) };
+    }
     silu_mul_scalar(gate, up)
 }
 
@@ -662,6 +745,11 @@ pub fn softmax(x: &mut [f32]) {
     if x512::fits(16) {
         // SAFETY: AVX-512 checked by `fits`.
         return unsafe { x512::softmax(x) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_f16c() {
+        // SAFETY: AVX2+FMA+F16C checked.
+        return unsafe { x86::softmax(x) };
     }
     softmax_scalar(x)
 }
