@@ -6,6 +6,7 @@
 #   nopdl  Qwen2.5-7B bf16 again with programmatic dependent launch off (TERN_CUDA_PDL=0)
 #   profile  the same for Qwen2.5-7B bf16 and q4_k with TERN_CUDA_PROFILE=1 (GPU time per operation)
 #   serve  `tern serve` cold start and `tern bench serve` at concurrency 1, 8, 32, 128 (128 in / 256 out)
+#   servenomma  concurrency 32 and 128 again with the tensor-core decode attention off (TERN_CUDA_ATTN_MMA=0)
 #   hf     the transformers baseline (../shared/bench/hf_baseline.py) in the same run
 #   serveprofile  concurrency 128 against a server with TERN_CUDA_PROFILE=ops (time per kernel)
 # Logs and JSON go to $OUT (or ./gpu-out); each stage has a time limit and a failure does not
@@ -66,23 +67,11 @@ if has profile; then
   done
 fi
 
-if has serve; then
-  echo "== serve"
-  port=8123
-  t0=$(date +%s.%N)
-  TERN_CUDA_PROFILE=steps device/tern serve --device cuda -m "dummy:$qwen" --dummy-dtype bf16 --tokenizer device/qwen-tokenizer \
-    --port $port --max-num-seqs 128 --max-num-batched-tokens 4096 >/tmp/serve.log 2>&1 &
-  server=$!
-  for _ in $(seq 1 1200); do grep -q "listening on" /tmp/serve.log && break; sleep 0.05; done
-  curl -s "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
-    -d '{"prompt":[1000,2000,3000],"max_tokens":1}' >/dev/null
-  t1=$(date +%s.%N)
-  {
-    echo "cold start (process start to first token served): $(python3 -c "print(f'{$t1 - $t0:.2f} s')")"
-    cat /tmp/serve.log
-    nvidia-smi --query-gpu=memory.used --format=csv
-  } | tee "$out/serve.txt"
-  for c in 1 8 32 128; do
+# serve_at PORT CONCURRENCIES...: `tern bench serve` rows against the server on PORT.
+serve_at() {
+  local port=$1
+  shift
+  for c in "$@"; do
     n=$((c < 8 ? 8 : c * 2))
     timeout 150 device/tern bench serve --url "http://127.0.0.1:$port" --num-prompts $n --concurrency $c \
       --input-len 128 --output-len 256 --json >/tmp/serve-c$c.json 2>>"$out/serve.txt"
@@ -99,11 +88,42 @@ print(f"concurrency {sys.argv[2]}: {r['completed']}/{r['num_prompts']} done, {r[
       f"{steps:.0f} engine steps, {1e3 * step_s / max(steps, 1):.2f} ms each, of which forward {1e3 * fwd_s / max(steps, 1):.2f} ms")
 PY
   done
+}
+
+if has serve; then
+  echo "== serve"
+  port=8123
+  t0=$(date +%s.%N)
+  TERN_CUDA_PROFILE=steps device/tern serve --device cuda -m "dummy:$qwen" --dummy-dtype bf16 --tokenizer device/qwen-tokenizer \
+    --port $port --max-num-seqs 128 --max-num-batched-tokens 4096 >/tmp/serve.log 2>&1 &
+  server=$!
+  for _ in $(seq 1 1200); do grep -q "listening on" /tmp/serve.log && break; sleep 0.05; done
+  curl -s "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt":[1000,2000,3000],"max_tokens":1}' >/dev/null
+  t1=$(date +%s.%N)
+  {
+    echo "cold start (process start to first token served): $(python3 -c "print(f'{$t1 - $t0:.2f} s')")"
+    cat /tmp/serve.log
+    nvidia-smi --query-gpu=memory.used --format=csv
+  } | tee "$out/serve.txt"
+  serve_at $port 1 8 32 128
   python3 -c "import json,glob; print(json.dumps({f: json.load(open(f)) for f in sorted(glob.glob('/tmp/serve-c*.json'))}, indent=1))" >"$out/serve.json" 2>/dev/null
   kill -INT $server
   wait $server
   echo "server exit $?" | tee -a "$out/serve.txt"
   grep -E "^\| |time by|stopped" /tmp/serve.log | grep -v "^|---" | tee -a "$out/serve.txt"
+fi
+
+if has servenomma; then
+  echo "== serve, tensor-core decode attention off (TERN_CUDA_ATTN_MMA=0)" | tee -a "$out/serve.txt"
+  port=8125
+  TERN_CUDA_ATTN_MMA=0 device/tern serve --device cuda -m "dummy:$qwen" --dummy-dtype bf16 --tokenizer device/qwen-tokenizer \
+    --port $port --max-num-seqs 128 --max-num-batched-tokens 4096 >/tmp/serve-nomma.log 2>&1 &
+  server=$!
+  for _ in $(seq 1 1200); do grep -q "listening on" /tmp/serve-nomma.log && break; sleep 0.05; done
+  serve_at $port 32 128
+  kill -INT $server
+  wait $server
 fi
 
 if has hf; then

@@ -934,6 +934,210 @@ extern "C" __global__ void __launch_bounds__(128) attn_prefill_64(FlashArgs a) {
 extern "C" __global__ void __launch_bounds__(128) attn_prefill_128(FlashArgs a) { attn_prefill_impl<128>(a); }
 
 // ------------------------------------------------------------------------------------------
+// Decode attention of a KV head's whole query group on the tensor cores, for large decode
+// batches: one warp per (query token, KV head, split). The group's query heads are the rows
+// of the mma's A operand (16 rows; rows past the group are zeros and are not written), and
+// keys come in tiles of FA_BK positions that cp.async copies into shared memory with the whole
+// tile in flight at once (the CUDA-core kernel above waits on each warp's loads in turn). Q
+// and the probabilities enter the bf16 mma as a high and a low bf16 part, so scores and
+// outputs keep f32 accuracy like the CUDA-core kernel (the tensor cores have time to spare);
+// K and V are bf16 in the cache. Keys per split, outputs and split partials as attn_decode.
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+
+// (x, y) as the bf16 pair hi = rn(x, y) and the pair lo = rn(x - hi, y - hi).
+__device__ __forceinline__ void split_bf16(float x, float y, uint32_t* hi, uint32_t* lo) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+  float2 hf = __bfloat1622float2(h);
+  __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
+  *hi = *reinterpret_cast<uint32_t*>(&h);
+  *lo = *reinterpret_cast<uint32_t*>(&l);
+}
+
+template <int HD>
+__device__ void attn_decode_mma_impl(const AttnArgs& a) {
+  constexpr int LD = HD + 8;
+  __shared__ __align__(16) bf16 ks[FA_BK * LD];
+  __shared__ __align__(16) bf16 vs[FA_BK * LD];
+  PDL_ENTRY();
+  int bi = blockIdx.x, g = blockIdx.y, s = blockIdx.z;
+  int G = a.n_heads / a.n_kv, q0 = g * G;
+  int i = a.tok_list ? a.tok_list[bi] : bi;
+  int lane = threadIdx.x, gid = lane / 4, tq = lane % 4;
+  int pos = a.tok_pos[i];
+  int lo = 0, hi = 0;
+  if (pos >= 0) {
+    int start = a.window > 0 ? max(0, pos + 1 - a.window) : 0;
+    int len = pos + 1 - start;
+    int per = max(a.split, (len + a.n_splits - 1) / a.n_splits);
+    per = (per + WARP - 1) / WARP * WARP;
+    lo = start + s * per;
+    hi = min(pos + 1, lo + per);
+  }
+  size_t out_off = (size_t)i * a.n_heads * HD + (size_t)q0 * HD;
+  size_t part = ((size_t)bi * a.n_splits + s) * a.n_heads + q0;
+  if (hi <= lo) {
+    for (int e = lane; e < G * HD; e += WARP) {
+      if (a.n_splits == 1)
+        a.out[out_off + e] = 0.f;
+      else
+        a.part_o[part * HD + e] = 0.f;
+    }
+    if (a.n_splits > 1 && lane < G) {
+      a.part_ml[(part + lane) * 2] = -INFINITY;
+      a.part_ml[(part + lane) * 2 + 1] = 0.f;
+    }
+    return;
+  }
+  // This lane's rows of the A operand: heads q0 + gid and q0 + gid + 8.
+  bool va = gid < G, vb = gid + 8 < G;
+  uint32_t qh[HD / 16][4], ql[HD / 16][4];
+  {
+    const float* xa = a.q + (size_t)i * a.q_ld + (size_t)(q0 + (va ? gid : 0)) * HD;
+    const float* xb = a.q + (size_t)i * a.q_ld + (size_t)(q0 + (vb ? gid + 8 : 0)) * HD;
+    float sa = va ? a.scale : 0.f, sb = vb ? a.scale : 0.f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+      int c = kk * 16 + 2 * tq;
+      split_bf16(xa[c] * sa, xa[c + 1] * sa, &qh[kk][0], &ql[kk][0]);
+      split_bf16(xb[c] * sb, xb[c + 1] * sb, &qh[kk][1], &ql[kk][1]);
+      split_bf16(xa[c + 8] * sa, xa[c + 9] * sa, &qh[kk][2], &ql[kk][2]);
+      split_bf16(xb[c + 8] * sb, xb[c + 9] * sb, &qh[kk][3], &ql[kk][3]);
+    }
+  }
+  float o[HD / 8][4];
+#pragma unroll
+  for (int d = 0; d < HD / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;
+  const int* table = a.tables + (size_t)a.tok_seq[i] * a.max_blocks;
+  size_t head_off = (size_t)g * a.block_size * HD, v_off = (size_t)a.block_size * a.n_kv * HD;
+  for (int k0 = lo; k0 < hi; k0 += FA_BK) {
+    __syncwarp();  // the previous tile's shared-memory reads are done
+    for (int e = lane; e < FA_BK * (HD / 8); e += WARP) {
+      int kk = e / (HD / 8), ch = e % (HD / 8), p = k0 + kk;
+      bf16* kd = &ks[kk * LD + ch * 8];
+      bf16* vd = &vs[kk * LD + ch * 8];
+      if (p < hi) {
+        const bf16* base = a.kv_layer + (size_t)table[p / a.block_size] * a.block_stride + head_off +
+                           (size_t)(p % a.block_size) * HD + ch * 8;
+        cp_async16(kd, base);
+        cp_async16(vd, base + v_off);
+      } else {
+        // Zeros past the end: their probabilities are 0, and 0 · garbage could be NaN.
+        *reinterpret_cast<uint4*>(kd) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(vd) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    __syncwarp();
+    float sc[FA_BK / 8][4];
+#pragma unroll
+    for (int j = 0; j < FA_BK / 8; j++) {
+      sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+      const bf16* kr = &ks[(j * 8 + gid) * LD + 2 * tq];
+#pragma unroll
+      for (int kk = 0; kk < HD / 16; kk++) {
+        uint32_t b0 = *reinterpret_cast<const uint32_t*>(kr + kk * 16);
+        uint32_t b1 = *reinterpret_cast<const uint32_t*>(kr + kk * 16 + 8);
+        mma_bf16(sc[j], qh[kk], b0, b1);
+        mma_bf16(sc[j], ql[kk], b0, b1);
+      }
+    }
+    // Keys past the split's end are masked; then the rows' new maxima (the tile's first key
+    // is always valid, so no row stays at -inf).
+    float mxa = -INFINITY, mxb = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < FA_BK / 8; j++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        if (k0 + j * 8 + 2 * tq + e >= hi) sc[j][e] = sc[j][2 + e] = -INFINITY;
+        mxa = fmaxf(mxa, sc[j][e]);
+        mxb = fmaxf(mxb, sc[j][2 + e]);
+      }
+    mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 1));
+    mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, 2));
+    mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 1));
+    mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, 2));
+    float na = fmaxf(m_a, mxa), nb = fmaxf(m_b, mxb);
+    float ca = __expf(m_a - na), cb = __expf(m_b - nb);
+    m_a = na;
+    m_b = nb;
+    l_a *= ca;
+    l_b *= cb;
+#pragma unroll
+    for (int d = 0; d < HD / 8; d++) {
+      o[d][0] *= ca;
+      o[d][1] *= ca;
+      o[d][2] *= cb;
+      o[d][3] *= cb;
+    }
+#pragma unroll
+    for (int j = 0; j < FA_BK / 8; j++) {
+      sc[j][0] = __expf(sc[j][0] - na);
+      sc[j][1] = __expf(sc[j][1] - na);
+      sc[j][2] = __expf(sc[j][2] - nb);
+      sc[j][3] = __expf(sc[j][3] - nb);
+      l_a += sc[j][0] + sc[j][1];
+      l_b += sc[j][2] + sc[j][3];
+    }
+    // O += P · V over the tile's keys, 16 at a time.
+#pragma unroll
+    for (int kk = 0; kk < FA_BK / 16; kk++) {
+      uint32_t ph[4], pl[4];
+      split_bf16(sc[2 * kk][0], sc[2 * kk][1], &ph[0], &pl[0]);
+      split_bf16(sc[2 * kk][2], sc[2 * kk][3], &ph[1], &pl[1]);
+      split_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1], &ph[2], &pl[2]);
+      split_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3], &ph[3], &pl[3]);
+      const bf16* v0 = &vs[(kk * 16 + 2 * tq) * LD + gid];
+#pragma unroll
+      for (int d = 0; d < HD / 8; d++) {
+        const bf16* vd = v0 + d * 8;
+        uint32_t b0 = pack_bf16_raw(vd[0], vd[LD]);
+        uint32_t b1 = pack_bf16_raw(vd[8 * LD], vd[9 * LD]);
+        mma_bf16(o[d], ph, b0, b1);
+        mma_bf16(o[d], pl, b0, b1);
+      }
+    }
+  }
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+  bool whole = a.n_splits == 1;
+#pragma unroll
+  for (int d = 0; d < HD / 8; d++) {
+    int c = d * 8 + 2 * tq;
+    if (va) {
+      float* y = whole ? a.out + out_off + (size_t)gid * HD + c : a.part_o + (part + gid) * HD + c;
+      y[0] = whole ? o[d][0] / l_a : o[d][0];
+      y[1] = whole ? o[d][1] / l_a : o[d][1];
+    }
+    if (vb) {
+      float* y = whole ? a.out + out_off + (size_t)(gid + 8) * HD + c : a.part_o + (part + gid + 8) * HD + c;
+      y[0] = whole ? o[d][2] / l_b : o[d][2];
+      y[1] = whole ? o[d][3] / l_b : o[d][3];
+    }
+  }
+  if (!whole && tq == 0) {
+    if (va) {
+      a.part_ml[(part + gid) * 2] = m_a;
+      a.part_ml[(part + gid) * 2 + 1] = l_a;
+    }
+    if (vb) {
+      a.part_ml[(part + gid + 8) * 2] = m_b;
+      a.part_ml[(part + gid + 8) * 2 + 1] = l_b;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(WARP) attn_decode_mma_64(AttnArgs a) { attn_decode_mma_impl<64>(a); }
+extern "C" __global__ void __launch_bounds__(WARP) attn_decode_mma_128(AttnArgs a) { attn_decode_mma_impl<128>(a); }
+
+// ------------------------------------------------------------------------------------------
 // Greedy sampling: out[i] = argmax of logits row i (the first index on ties, as the CPU sampler).
 
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab, int* __restrict__ out) {

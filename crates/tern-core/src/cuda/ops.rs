@@ -35,6 +35,8 @@ pub struct Kernels {
     rope_kv_write: CUfunction,
     /// [head dim index in ATT_HEAD_DIMS][group limit index in ATT_GROUPS]
     attn_decode: [[CUfunction; 3]; 5],
+    /// Tensor-core decode attention of whole groups, head dims 64 and 128.
+    attn_decode_mma: [CUfunction; 2],
     attn_combine: CUfunction,
     attn_prefill_64: CUfunction,
     attn_prefill_128: CUfunction,
@@ -77,6 +79,7 @@ impl Kernels {
                 }
                 t
             },
+            attn_decode_mma: [f("attn_decode_mma_64")?, f("attn_decode_mma_128")?],
             attn_combine: f("attn_combine")?,
             attn_prefill_64: f("attn_prefill_64")?,
             attn_prefill_128: f("attn_prefill_128")?,
@@ -456,13 +459,25 @@ fn attn_smem(l: &KvLayout, heads: usize) -> usize {
     4 * (heads * l.head_dim + ATT_WARPS * heads * (32 + l.head_dim + 2))
 }
 
+/// Index of the tensor-core decode attention kernel for this head size, if there is one and
+/// it is not turned off (`TERN_CUDA_ATTN_MMA=0` keeps every group on the CUDA cores, for
+/// comparisons).
+fn mma_head_dim(head_dim: usize) -> Option<usize> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("TERN_CUDA_ATTN_MMA").map_or(true, |v| v != "0"));
+    [64, 128].iter().position(|&d| d == head_dim).filter(|_| on)
+}
+
 /// Plans the decode attention of `n` query tokens whose longest context is `max_len` keys:
-/// one head per block while there are few (token, KV head) pairs, else a KV head's whole group;
+/// one head per block while there are few (token, KV head) pairs, else a KV head's whole group
+/// (on the tensor cores where the head size has that kernel);
 /// then as many splits as keep the blocks near `target_blocks`, each at least `ATT_MIN_SPLIT`
 /// keys, with at most `max_pairs` (token, split) pairs of partial results.
 pub fn attn_split(l: &KvLayout, n: usize, max_len: usize, target_blocks: usize, max_pairs: usize) -> AttnSplit {
     let n = n.max(1);
     let heads = if n * l.n_kv * 2 <= target_blocks { 1 } else { l.n_heads / l.n_kv };
+    // The tensor-core kernel's blocks are one warp, not four: four times as many fit.
+    let target_blocks = if heads > 1 && mma_head_dim(l.head_dim).is_some() { 4 * target_blocks } else { target_blocks };
     let by_blocks = (target_blocks / (n * l.n_heads / heads)).max(1);
     let by_len = max_len.max(1).div_ceil(ATT_MIN_SPLIT);
     let n_splits = by_blocks.min(by_len).min((max_pairs / n).max(1));
@@ -530,7 +545,11 @@ pub fn attention(
     };
     unsafe {
         let grid = (n as u32, (l.n_heads / s.heads) as u32, s.n_splits as u32);
-        launch!(gpu, k.attn_decode[hi][gi], grid, ATT_THREADS, attn_smem(l, s.heads); args)?;
+        match mma_head_dim(l.head_dim) {
+            // Whole groups take the tensor cores where the head size has the kernel.
+            Some(m) if s.heads > 1 => launch!(gpu, k.attn_decode_mma[m], grid, 32, 0; args)?,
+            _ => launch!(gpu, k.attn_decode[hi][gi], grid, ATT_THREADS, attn_smem(l, s.heads); args)?,
+        }
         if s.n_splits > 1 {
             launch!(gpu, k.attn_combine, (n as u32, l.n_heads as u32, 1), l.head_dim as u32, 0; args)?;
         }
