@@ -4,7 +4,7 @@
 # file size, stored bits per weight of the layer matrices, and CPU decode speed (2 threads).
 # The baseline row is the source GGUF's weights dequantized to f32 (`--method f32`); the
 # `kv-<dtype>` rows are that baseline with the KV cache stored as <dtype> (f16, bf16, int8, fp8);
-# `fp8-tensor` is fp8 with one scale per matrix.
+# `fp8-tensor` is fp8 with one scale per matrix; `awq-clip` is awq with its clipping search.
 # TERN=path runs another binary (e.g. a copy, so that builds can go on meanwhile).
 # Usage: scripts/bench-quant.sh [model:method,method ...] (default: the README's rows).
 set -euo pipefail
@@ -27,6 +27,7 @@ for spec in "${specs[@]}"; do
     quant="$method"
     case "$method" in
       gptq | awq | llm-int8) qargs=(--calib data/botchan-calib.txt) ;;
+      awq-clip) quant=awq qargs=(--calib data/botchan-calib.txt --awq-clip) ;;
       kv-*) quant=f32 kv="${method#kv-}" ;;
       fp8-tensor) quant=fp8 qargs=(--fp8-scale tensor) ;;
     esac

@@ -2,13 +2,17 @@
 //! scale them up before quantizing (W·diag(s)) and fold 1/s into whatever produces the input.
 //! s = mean|x|^α per input channel (normalized so √(max·min) = 1); α is searched on a grid
 //! over [0, 1] for the smallest output error ‖X·Ŵᵀ − X·Wᵀ‖² on calibration rows, where Ŵ is the
-//! group-wise round-to-nearest of W·diag(s) scaled back. (The published method also searches
-//! a clipping range per group; this implementation does not.)
+//! group-wise round-to-nearest of W·diag(s) scaled back. Optionally (`--awq-clip`), as
+//! published, a clipping range per (row, group) of the scaled weights: clamped to ±r·max|w| for
+//! the shrink ratio r with the smallest output error on the calibration rows (`clip`).
 
-use super::int4::rtn;
+use super::int4::{rtn, Grid};
+use crate::kernels::ThreadPool;
 
 /// Grid points of α in [0, 1].
 const ALPHA_STEPS: usize = 20;
+/// Most calibration rows the α search measures on.
+const SEARCH_ROWS: usize = 128;
 
 /// The scales for matrices `ws` (each out_j × cols, row-major) that share inputs `x`
 /// (n × cols) with mean absolute values `mean_abs`; returns (scales, α).
@@ -20,6 +24,15 @@ pub fn search_scales(
     ws: &[&[f32]],
     group: usize,
 ) -> (Vec<f32>, f32) {
+    // Every α costs a quantization and a product per row of x: an evenly spaced subset of at
+    // most SEARCH_ROWS rows measures them.
+    let picked: Vec<f32>;
+    let (x, n) = if n > SEARCH_ROWS {
+        picked = (0..SEARCH_ROWS).flat_map(|j| x[j * n / SEARCH_ROWS * cols..][..cols].iter().copied()).collect();
+        (&picked[..], SEARCH_ROWS)
+    } else {
+        (x, n)
+    };
     let reference: Vec<Vec<f32>> = ws.iter().map(|w| matmul_t(x, n, cols, w)).collect();
     let mut best = (f64::INFINITY, vec![1.0; cols], 0.0);
     for step in 0..=ALPHA_STEPS {
@@ -52,6 +65,62 @@ fn fake_quantize(w: &[f32], cols: usize, s: &[f32], group: usize) -> Vec<f32> {
     let q = rtn(&scaled, w.len() / cols, cols, group).dequantize();
     q.iter().enumerate().map(|(e, &v)| v / s[e % cols]).collect()
 }
+
+/// Shrink ratios tried by `clip`: 1, 0.95, ..., 0.55 of a group's largest |w| (AutoAWQ's grid).
+const CLIP_STEPS: usize = 10;
+
+/// AWQ's clipping search. For each (row, group) of `w` (rows × cols, the weights as they will be
+/// quantized, i.e. already scaled), clamps the group to ±r·max|w_g| for the ratio r whose
+/// round-to-nearest grid gives the smallest output error eᵀ·H_g·e on the calibration rows `x`
+/// (n × cols, the inputs those weights see), e = w_g − its dequantized codes and H_g = X_gᵀX_g
+/// the rows' Gram matrix over the group's columns. The clamped values then quantize to that grid.
+pub fn clip(w: &mut [f32], cols: usize, group: usize, x: &[f32], n: usize, pool: &ThreadPool) {
+    let groups = cols.div_ceil(group);
+    // H_g from the group's columns, transposed so that each entry is one dot product.
+    let grams: Vec<Vec<f32>> = (0..groups)
+        .map(|g| {
+            let (c0, gw) = (g * group, group.min(cols - g * group));
+            let xt: Vec<f32> = (0..gw * n).map(|e| x[(e % n) * cols + c0 + e / n]).collect();
+            (0..gw * gw).map(|e| crate::model::ops::dot(&xt[(e / gw) * n..][..n], &xt[(e % gw) * n..][..n])).collect()
+        })
+        .collect();
+    let rows = w.len() / cols;
+    let wp = SharedRows(w.as_mut_ptr());
+    pool.run(|t, nt| {
+        let wp = &wp;
+        let mut e = vec![0f32; group];
+        for r in (t..rows).step_by(nt) {
+            // SAFETY: row r belongs to this thread alone.
+            let row = unsafe { std::slice::from_raw_parts_mut(wp.0.add(r * cols), cols) };
+            for (g, h) in grams.iter().enumerate() {
+                let wg = &mut row[g * group..(g * group + group).min(cols)];
+                let (lo, hi) = wg.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                let amax = lo.abs().max(hi.abs());
+                let mut best = (f64::INFINITY, lo, hi);
+                for step in 0..CLIP_STEPS {
+                    let bound = amax * (1.0 - step as f32 / (2 * CLIP_STEPS) as f32);
+                    let (clo, chi) = (lo.max(-bound), hi.min(bound));
+                    let grid = Grid::for_range(clo, chi);
+                    for (ev, &v) in e.iter_mut().zip(wg.iter()) {
+                        *ev = v - grid.value(grid.code(v));
+                    }
+                    let gw = wg.len();
+                    let err: f64 = (0..gw)
+                        .map(|a| e[a] as f64 * crate::model::ops::dot(&h[a * gw..(a + 1) * gw], &e[..gw]) as f64)
+                        .sum();
+                    if err < best.0 {
+                        best = (err, clo, chi);
+                    }
+                }
+                wg.iter_mut().for_each(|v| *v = v.clamp(best.1, best.2));
+            }
+        }
+    });
+}
+
+struct SharedRows(*mut f32);
+// SAFETY: threads write disjoint rows.
+unsafe impl Sync for SharedRows {}
 
 /// x (n × k) · wᵀ (w: m × k) → n × m.
 fn matmul_t(x: &[f32], n: usize, k: usize, w: &[f32]) -> Vec<f32> {

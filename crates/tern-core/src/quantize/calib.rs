@@ -10,7 +10,8 @@ use crate::model::decoder::{Decoder, LinearInput};
 #[derive(Clone, Copy, Debug)]
 pub struct Wanted {
     pub hessian: bool,
-    /// Rows kept per input for AWQ's search (0: none, and no mean |x|).
+    /// Rows kept per input for AWQ's search (0: none, and no mean |x|), spread evenly over the
+    /// calibration windows.
     pub sample_rows: usize,
     /// Largest |x| per channel (LLM.int8()'s outlier features).
     pub abs_max: bool,
@@ -72,6 +73,7 @@ pub fn gather(
 ) -> anyhow::Result<Calibration> {
     let n_layers = decoder.config().n_layers;
     let mut cal = Calibration { layers: (0..n_layers).map(|_| Default::default()).collect() };
+    let per_window = wanted.sample_rows.div_ceil(windows.len().max(1));
     for (wi, w) in windows.iter().enumerate() {
         let mut cache = decoder.new_cache(w.len());
         let mut logits = Vec::new();
@@ -79,7 +81,7 @@ pub fn gather(
         let n = w.len();
         let mut observe = |li: usize, which: LinearInput, rows: &[f32]| {
             let s = &mut cal.layers[li][index(which)];
-            add_rows(s, rows, n, wanted, pool);
+            add_rows(s, rows, n, wanted, (wi, per_window), pool);
         };
         decoder.forward_batch_observed(&[chunk], &mut cache, &mut logits, Some(&mut observe))?;
         progress(wi + 1);
@@ -87,7 +89,18 @@ pub fn gather(
     Ok(cal)
 }
 
-pub fn add_rows(s: &mut InputStats, rows: &[f32], n: usize, wanted: Wanted, pool: &ThreadPool) {
+/// Adds the n rows of calibration window number `window` to `s`; at most `per_window` of them
+/// join the sample. The first position of a window matters to the sample: where a model uses
+/// it as an attention sink its activations are outsized, and they meet the few large weights
+/// that must not be clipped.
+pub fn add_rows(
+    s: &mut InputStats,
+    rows: &[f32],
+    n: usize,
+    wanted: Wanted,
+    (window, per_window): (usize, usize),
+    pool: &ThreadPool,
+) {
     let k = rows.len() / n;
     if s.width == 0 {
         s.width = k;
@@ -111,8 +124,15 @@ pub fn add_rows(s: &mut InputStats, rows: &[f32], n: usize, wanted: Wanted, pool
         for row in rows.chunks_exact(k) {
             s.abs_sum.iter_mut().zip(row).for_each(|(a, &v)| *a += v.abs() as f64);
         }
-        let keep = (wanted.sample_rows - s.sample_rows()).min(n);
-        s.sample.extend_from_slice(&rows[..keep * k]);
+        let keep = per_window.min(wanted.sample_rows - s.sample_rows()).min(n);
+        // Evenly spaced, from a phase that moves with the window: each position of a window is
+        // sampled as often as any other (the first one included, but not in every window, where
+        // it would be over-represented).
+        let phase = n.checked_div(keep).map_or(0, |stride| window * 7919 % stride);
+        for j in 0..keep {
+            let t = phase + j * n / keep;
+            s.sample.extend_from_slice(&rows[t * k..(t + 1) * k]);
+        }
     }
     if wanted.hessian {
         // H[i][j] += Σ_t x_t[i]·x_t[j] (lower triangle), as dots of the transposed rows; threads

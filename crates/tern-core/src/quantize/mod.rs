@@ -107,8 +107,10 @@ pub struct Options {
     pub damp: f64,
     /// GPTQ: columns by decreasing Hessian diagonal.
     pub act_order: bool,
-    /// Rows of calibration activations AWQ searches its scales on.
+    /// Rows of calibration activations AWQ searches its scales (and clipping ranges) on.
     pub awq_rows: usize,
+    /// AWQ: also search a clipping range per (row, group) (`awq::clip`).
+    pub awq_clip: bool,
     /// LLM.int8(): activation magnitude from which an input channel is an outlier.
     pub outlier_threshold: f32,
     /// FP8: one scale for the whole matrix instead of one per output row.
@@ -286,6 +288,7 @@ pub fn quantize<'a>(
     weights: &ModelWeights,
     o: &Options,
     cal: Option<&calib::Calibration>,
+    pool: &ThreadPool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(Vec<OutTensor<'a>>, Summary)> {
     o.check()?;
@@ -310,6 +313,8 @@ pub fn quantize<'a>(
             // q, k, v share the attention norm's output; gate and up the FFN norm's; down reads
             // SiLU(gate)·up, so its scales fold into up's rows. (o is left unscaled: with grouped
             // KV heads, v's rows cannot carry one scale per o input channel.)
+            // The scales of the attention, FFN and down inputs, in that order.
+            let mut input_scales = Vec::with_capacity(3);
             for (which, idx) in [(LinearInput::Attention, &[0usize, 1, 2][..]), (LinearInput::Ffn, &[4, 5][..])] {
                 let st = cal.get(li, which);
                 let ws: Vec<&[f32]> = idx.iter().map(|&i| mats[i].as_slice()).collect();
@@ -322,6 +327,7 @@ pub fn quantize<'a>(
                 }
                 let norm = if which == LinearInput::Attention { &mut attn_norm } else { &mut ffn_norm };
                 norm.iter_mut().zip(&s).for_each(|(g, sv)| *g /= sv);
+                input_scales.push(s);
             }
             let st = cal.get(li, LinearInput::Down);
             let (s, alpha) =
@@ -331,6 +337,35 @@ pub fn quantize<'a>(
             mats[6].iter_mut().enumerate().for_each(|(e, v)| *v *= s[e % cols]);
             let up_cols = dims[5].1;
             mats[5].iter_mut().enumerate().for_each(|(e, v)| *v /= s[e / up_cols]);
+            input_scales.push(s);
+            // The clipping search, on each matrix's inputs as its scaled weights see them (q and
+            // k are left unclipped, as AutoAWQ does: clipping them hurts the attention scores).
+            let clipped: &[(LinearInput, &[usize])] = if o.awq_clip {
+                &[
+                    (LinearInput::Attention, &[2]),
+                    (LinearInput::Output, &[3]),
+                    (LinearInput::Ffn, &[4, 5]),
+                    (LinearInput::Down, &[6]),
+                ]
+            } else {
+                &[]
+            };
+            for &(which, idx) in clipped {
+                let st = cal.get(li, which);
+                let scale = match which {
+                    LinearInput::Attention => Some(&input_scales[0]),
+                    LinearInput::Ffn => Some(&input_scales[1]),
+                    LinearInput::Down => Some(&input_scales[2]),
+                    LinearInput::Output => None,
+                };
+                let x: Vec<f32> = match scale {
+                    Some(s) => st.sample.iter().enumerate().map(|(e, &v)| v / s[e % st.width]).collect(),
+                    None => st.sample.clone(),
+                };
+                for &i in idx {
+                    awq::clip(&mut mats[i], dims[i].1, o.group, &x, st.sample_rows(), pool);
+                }
+            }
             replaced.insert(format!("blk.{li}.attn_norm.weight"), (DType::F32, le_bytes(&attn_norm)));
             replaced.insert(format!("blk.{li}.ffn_norm.weight"), (DType::F32, le_bytes(&ffn_norm)));
         }

@@ -59,6 +59,7 @@ fn opts(method: Method) -> Options {
         damp: 0.01,
         act_order: false,
         awq_rows: 0,
+        awq_clip: false,
         outlier_threshold: 6.0,
         fp8_per_tensor: false,
     }
@@ -156,13 +157,17 @@ fn calibration_hessian_matches_the_sum() {
     let pool = ThreadPool::new(2);
     let mut s = calib::InputStats::default();
     let wanted = calib::Wanted { hessian: true, sample_rows: 10, abs_max: true };
-    calib::add_rows(&mut s, &x[..20 * k], 20, wanted, &pool);
-    calib::add_rows(&mut s, &x[20 * k..], n - 20, wanted, &pool);
+    calib::add_rows(&mut s, &x[..20 * k], 20, wanted, (0, 5), &pool);
+    calib::add_rows(&mut s, &x[20 * k..], n - 20, wanted, (1, 5), &pool);
     let want = hessian(&x, n, k);
     let got = s.hessian_f64();
     assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-3 * b.abs().max(1.0)));
     assert_eq!(s.tokens, n);
-    assert_eq!(s.sample, x[..10 * k].to_vec(), "the first rows are kept");
+    // Five rows of each window, evenly spaced: rows 0, 4, 8, 12, 16 of the first 20 (phase 0),
+    // then rows 2, 5, 8, 12, 15 of the other 17 (window 1's phase: 7919 mod 3 = 2).
+    let kept: Vec<f32> =
+        [0, 4, 8, 12, 16, 22, 25, 28, 32, 35].iter().flat_map(|&t| x[t * k..(t + 1) * k].to_vec()).collect();
+    assert_eq!(s.sample, kept, "evenly spaced rows of each window are kept");
     let m = s.mean_abs();
     assert!((m[3] - (0..n).map(|t| x[t * k + 3].abs()).sum::<f32>() / n as f32).abs() < 1e-5);
     assert_eq!(s.abs_max[7], (0..n).map(|t| x[t * k + 7].abs()).fold(0f32, f32::max));
@@ -269,4 +274,23 @@ fn w8a8_and_fp8_round_trip_and_multiply_through_the_decoder() {
             }
         }
     }
+}
+
+#[test]
+fn awq_clipping_lowers_the_output_error() {
+    let mut rng = Rng::new(9);
+    let (rows, k, n) = (32, 256, 1024);
+    // Heavy-tailed weights: a few large values per group stretch round-to-nearest's range.
+    let mut w = randn(&mut rng, rows * k, 0.05);
+    for v in w.iter_mut().step_by(37) {
+        *v *= 6.0;
+    }
+    let x = inputs(&mut rng, n, k);
+    let mut clipped = w.clone();
+    awq::clip(&mut clipped, k, 128, &x[..512 * k], 512, &ThreadPool::new(2));
+    // Judged on all the inputs, half of which the search did not see.
+    let clip_err = output_error(&x, n, k, &w, &rtn(&clipped, rows, k, 128).dequantize());
+    let rtn_err = output_error(&x, n, k, &w, &rtn(&w, rows, k, 128).dequantize());
+    eprintln!("clipped output error {clip_err:.4e}, rtn {rtn_err:.4e}");
+    assert!(clip_err < 0.95 * rtn_err, "clipped {clip_err:e} vs rtn {rtn_err:e}");
 }
