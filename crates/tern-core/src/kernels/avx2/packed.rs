@@ -10,8 +10,7 @@
 //! widens them to the rows' int32 dots. Unpacked weights are reused by every
 //! activation row of the tile, and no horizontal sum is ever needed: lane l is row l. The
 //! integers are exact (the bounds above keep every 16-bit sum inside ±32,767 for activations
-//! in ±127), so results equal the AVX-512 kernels' and every row is accumulated in the same
-//! order whatever the batch. Q6_K has no kernel here (see `packed::packed_kernel_at`).
+//! in ±127), and every row is accumulated in the same order whatever the batch. Q6_K has no kernel here (see `packed::packed_kernel_at`).
 
 // Tile loops index several const-size register arrays with one counter.
 #![allow(clippy::needless_range_loop)]
