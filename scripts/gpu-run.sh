@@ -7,6 +7,9 @@
 #   profile  the same for Qwen2.5-7B bf16 and q4_k with TERN_CUDA_PROFILE=1 (GPU time per operation)
 #   serve  `tern serve` cold start and `tern bench serve` at concurrency 1, 8, 32, 128 (128 in / 256 out)
 #   servenomma  concurrency 32 and 128 again with the tensor-core decode attention off (TERN_CUDA_ATTN_MMA=0)
+#   basecmp  batch-1 decode of Qwen2.5-7B q4_k, q8_0, q4_k (or $BASECMP_DTYPES), alternating
+#          device/tern-base.xz (a previous version's binary, copied there by hand) and device/tern
+#   ncu    Nsight Compute on a few Q4_K matrix-vector kernels (speed of light, memory, warp stalls)
 #   hf     the transformers baseline (../shared/bench/hf_baseline.py) in the same run
 #   serveprofile  concurrency 128 against a server with TERN_CUDA_PROFILE=ops (time per kernel)
 # Logs and JSON go to $OUT (or ./gpu-out); each stage has a time limit and a failure does not
@@ -15,8 +18,8 @@ set -uo pipefail
 out="${OUT:-gpu-out}"
 mkdir -p "$out"
 stages="${*:-tests bench serve hf}"
-for f in device/tern device/tern-core-tests; do
-  [ -x "$f" ] || { xz -dkf "$f.xz" && chmod +x "$f"; }
+for f in device/tern device/tern-core-tests device/tern-base; do
+  [ -x "$f" ] || [ ! -f "$f.xz" ] || { xz -dkf "$f.xz" && chmod +x "$f"; }
 done
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
 qwen=configs/qwen2.5-7b.json
@@ -43,6 +46,29 @@ if has bench; then
     cat "$out/one.txt" >>"$out/bench.txt"
     grep -E "^\| (pp|tg)|copy bandwidth|^device|error" "$out/one.txt"
   done
+fi
+
+if has basecmp && [ -x device/tern-base ]; then
+  echo "== previous version (tern-base) against this one, batch-1 decode"
+  for dtype in ${BASECMP_DTYPES:-q4_k q8_0 q4_k}; do
+    for bin in tern-base tern; do
+      timeout 100 device/$bin bench --device cuda -m "dummy:$qwen" --dummy-dtype $dtype -p 128 -n 256 -r 3 \
+        >"$out/one.txt" 2>&1
+      echo "-- qwen2.5-7b-$dtype $bin (exit $?)" | tee -a "$out/basecmp.txt"
+      cat "$out/one.txt" >>"$out/basecmp.txt"
+      grep -E "^\| tg|utilization|error" "$out/one.txt"
+    done
+  done
+fi
+
+if has ncu; then
+  echo "== ncu: Q4_K matrix-vector kernels"
+  TERN_CUDA_PROFILE=ops timeout 240 ncu --clock-control none --kernel-name regex:gemv_q4_k --launch-skip 40 \
+    --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+    --section LaunchStats --section Occupancy device/tern bench --device cuda -m "dummy:$qwen" --dummy-dtype q4_k \
+    -p 16 -n 8 -r 1 >"$out/ncu.txt" 2>&1
+  echo "ncu exit $?"
+  grep -E "gemv_q4_k|Duration|Memory Throughput|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Stall|Issued Ipc|L1/TEX Hit" "$out/ncu.txt" | head -60
 fi
 
 if has nopdl; then

@@ -325,22 +325,16 @@ __device__ __forceinline__ void q4k_scale_min(const uint8_t* s, int j, float* sc
   }
 }
 
-// The same from the 12 scale bytes held in three registers (s0 = bytes 0..3, ...), with no
-// indexing into memory (a run-time byte index would move them to local memory).
-__device__ __forceinline__ uint32_t scale_byte(uint32_t s0, uint32_t s1, uint32_t s2, int t) {
-  uint32_t word = t < 4 ? s0 : (t < 8 ? s1 : s2);
-  return (word >> (8 * (t % 4))) & 0xFF;
-}
-
-__device__ __forceinline__ void q4k_scale_min_regs(uint32_t s0, uint32_t s1, uint32_t s2, int j, float* sc, float* m) {
-  if (j < 4) {
-    *sc = scale_byte(s0, s1, s2, j) & 63;
-    *m = scale_byte(s0, s1, s2, j + 4) & 63;
-  } else {
-    uint32_t hi = scale_byte(s0, s1, s2, j + 4);
-    *sc = (hi & 0xF) | ((scale_byte(s0, s1, s2, j - 4) >> 6) << 4);
-    *m = (hi >> 4) | ((scale_byte(s0, s1, s2, j) >> 6) << 4);
-  }
+// The scales and mins of sub-blocks 2j and 2j+1 (j = 0..3) as byte pairs (2j in the low byte),
+// from the 12 scale bytes held in three registers (s0 = bytes 0..3, ...). Branch-free: the
+// lanes of a warp hold different j, and a branch on it made each lane run both decodes.
+__device__ __forceinline__ void q4k_pair_scales(uint32_t s0, uint32_t s1, uint32_t s2, int j, uint32_t* sc,
+                                                uint32_t* m) {
+  int sh = 16 * (j & 1);
+  uint32_t a0 = (s0 >> sh) & 0xFFFF, a1 = (s1 >> sh) & 0xFFFF, a2 = (s2 >> sh) & 0xFFFF;
+  bool low = j < 2;  // sub-blocks 0..3: 6 bits in bytes s and s + 4; 4..7: a nibble and 2 high bits
+  *sc = low ? a0 & 0x3F3F : (a2 & 0x0F0F) | ((a0 >> 2) & 0x3030);
+  *m = low ? a1 & 0x3F3F : ((a2 >> 4) & 0x0F0F) | ((a1 >> 2) & 0x3030);
 }
 
 // A piece of a Q4_K block: 16 bytes of nibbles = 16 values of sub-block 2j and the 16 of
@@ -369,15 +363,15 @@ struct Q4KCodec {
     const float2* ds = a.xds + (size_t)i * (a.k / 32);
     int4 xl = *reinterpret_cast<const int4*>(xr + col_lo), xh = *reinterpret_cast<const int4*>(xr + col_hi);
     float2 dl = ds[col_lo / 32], dh = ds[col_hi / 32];
-    // The mins multiply the sums of whole sub-blocks: the piece with the first half adds them.
-    bool first = c % 2 == 0;
+    // The mins multiply the sums of whole sub-blocks: the piece with the first 16 values of
+    // the two adds sub-block 2j's, the other 2j+1's (the same work in every lane).
+    bool second = c % 2;
+    float dmin_x = second ? dh.y : dl.y;
 #pragma unroll
     for (int r = 0; r < GEMV_ROWS; r++) {
-      const __half2 dm = *reinterpret_cast<const __half2*>(&wq[r].hdr.x);
-      float dd = __low2float(dm), dmin = __high2float(dm);
-      float sc1, mn1, sc2, mn2;
-      q4k_scale_min_regs(wq[r].hdr.y, wq[r].hdr.z, wq[r].hdr.w, 2 * j, &sc1, &mn1);
-      q4k_scale_min_regs(wq[r].hdr.y, wq[r].hdr.z, wq[r].hdr.w, 2 * j + 1, &sc2, &mn2);
+      const float2 dm = __half22float2(*reinterpret_cast<const __half2*>(&wq[r].hdr.x));
+      uint32_t sc, mn;
+      q4k_pair_scales(wq[r].hdr.y, wq[r].hdr.z, wq[r].hdr.w, j, &sc, &mn);
       const uint4 q = wq[r].q;
       int tl = __dp4a((int)(q.x & 0x0F0F0F0Fu), xl.x, 0), th = __dp4a((int)((q.x >> 4) & 0x0F0F0F0Fu), xh.x, 0);
       tl = __dp4a((int)(q.y & 0x0F0F0F0Fu), xl.y, tl);
@@ -386,8 +380,8 @@ struct Q4KCodec {
       th = __dp4a((int)((q.z >> 4) & 0x0F0F0F0Fu), xh.z, th);
       tl = __dp4a((int)(q.w & 0x0F0F0F0Fu), xl.w, tl);
       th = __dp4a((int)((q.w >> 4) & 0x0F0F0F0Fu), xh.w, th);
-      float v = dd * (sc1 * dl.x * (float)tl + sc2 * dh.x * (float)th);
-      if (first) v -= dmin * (mn1 * dl.y + mn2 * dh.y);
+      float v = dm.x * (dl.x * (float)(tl * (int)(sc & 0xFF)) + dh.x * (float)(th * (int)(sc >> 8)));
+      v -= dm.y * dmin_x * (float)(second ? mn >> 8 : mn & 0xFF);
       acc[r] += v;
     }
   }
