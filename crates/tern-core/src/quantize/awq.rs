@@ -1,8 +1,9 @@
 //! AWQ (Lin et al. 2023): the input channels that carry large activations matter most, so
 //! scale them up before quantizing (W·diag(s)) and fold 1/s into whatever produces the input.
-//! s = mean|x|^α per input channel (normalized so √(max·min) = 1); α is searched on a grid
-//! over [0, 1] for the smallest output error ‖X·Ŵᵀ − X·Wᵀ‖² on calibration rows, where Ŵ is the
-//! group-wise round-to-nearest of W·diag(s) scaled back. Optionally (`--awq-clip`), as
+//! s = mean|x|^α / mean|ŵ|^(1−α) per input channel, ŵ the weights relative to their group's
+//! largest |w| (AutoAWQ's default "duo" scaling; normalized so √(max·min) = 1); α is searched on
+//! a grid over [0, 1] for the smallest output error ‖X·Ŵᵀ − X·Wᵀ‖² on calibration rows, where Ŵ
+//! is the group-wise round-to-nearest of W·diag(s) scaled back. Optionally (`--awq-clip`), as
 //! published, a clipping range per (row, group) of the scaled weights: clamped to ±r·max|w| for
 //! the shrink ratio r with the smallest output error on the calibration rows (`clip`).
 
@@ -34,10 +35,11 @@ pub fn search_scales(
         (x, n)
     };
     let reference: Vec<Vec<f32>> = ws.iter().map(|w| matmul_t(x, n, cols, w)).collect();
+    let w_mean = relative_weight_means(ws, cols, group);
     let mut best = (f64::INFINITY, vec![1.0; cols], 0.0);
     for step in 0..=ALPHA_STEPS {
         let alpha = step as f32 / ALPHA_STEPS as f32;
-        let s = scales(mean_abs, alpha);
+        let s = scales(mean_abs, &w_mean, alpha);
         let mut err = 0f64;
         for (w, want) in ws.iter().zip(&reference) {
             let approx = fake_quantize(w, cols, &s, group);
@@ -51,9 +53,28 @@ pub fn search_scales(
     (best.1, best.2)
 }
 
-/// mean|x|^α, normalized to a geometric middle of 1 and kept away from 0.
-pub fn scales(mean_abs: &[f32], alpha: f32) -> Vec<f32> {
-    let s: Vec<f32> = mean_abs.iter().map(|&a| a.max(1e-4).powf(alpha)).collect();
+/// Per input channel, the mean over all rows of `ws` of |w| / (the largest |w| of its group).
+fn relative_weight_means(ws: &[&[f32]], cols: usize, group: usize) -> Vec<f32> {
+    let mut sum = vec![0f64; cols];
+    let mut rows = 0;
+    for w in ws {
+        for row in w.chunks_exact(cols) {
+            for (g, chunk) in row.chunks(group).enumerate() {
+                let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs())) + 1e-6;
+                for (j, v) in chunk.iter().enumerate() {
+                    sum[g * group + j] += (v.abs() / amax) as f64;
+                }
+            }
+            rows += 1;
+        }
+    }
+    sum.iter().map(|&v| (v / rows.max(1) as f64) as f32).collect()
+}
+
+/// mean|x|^α / mean|ŵ|^(1−α), normalized to a geometric middle of 1 and kept away from 0.
+fn scales(mean_abs: &[f32], w_mean: &[f32], alpha: f32) -> Vec<f32> {
+    let s: Vec<f32> =
+        mean_abs.iter().zip(w_mean).map(|(&a, &w)| (a.powf(alpha) / (w.powf(1.0 - alpha) + 1e-4)).max(1e-4)).collect();
     let (lo, hi) = s.iter().fold((f32::MAX, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
     let norm = (lo * hi).sqrt();
     s.iter().map(|&v| (v / norm).max(1e-4)).collect()
