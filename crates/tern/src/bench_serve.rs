@@ -962,10 +962,14 @@ mod tests {
                 );
                 write_chunk(&mut s, &usage);
             }
-            write_chunk(&mut s, "data: [DONE]\n\n");
         }
+        // Counted out before the last event: a client may send its next request as soon as it
+        // reads [DONE], before this thread runs again.
         fake.query_tokens.fetch_add(prompt.len(), Ordering::SeqCst);
         fake.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if mode != Mode::Errors {
+            write_chunk(&mut s, "data: [DONE]\n\n");
+        }
         let _ = write!(s, "0\r\n\r\n");
     }
 
