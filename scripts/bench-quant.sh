@@ -32,7 +32,10 @@ for spec in "${specs[@]}"; do
       fp8-tensor) quant=fp8 qargs=(--fp8-scale tensor) ;;
     esac
     t0=$(date +%s.%N)
-    report=$("$tern" quantize -m "$model" --method "$quant" "${qargs[@]}" -t 2 -o "$file" 2>/dev/null | head -1)
+    # (the whole output, then its first line: `| head -1` could end the pipe while tern still
+    # writes, and pipefail would then stop the script)
+    report=$("$tern" quantize -m "$model" --method "$quant" "${qargs[@]}" -t 2 -o "$file" 2>/dev/null)
+    report="${report%%$'\n'*}"
     t1=$(date +%s.%N)
     bpw=$(sed -n 's/.* at \([0-9.]*\) bits\/weight.*/\1/p' <<<"$report")
     ppl=$("$tern" eval perplexity -m "$file" --text data/botchan-eval.txt --max-windows "$windows" -t 2 --kv-cache-dtype "$kv" --json |
