@@ -6,6 +6,8 @@
 //! matrices. Activations are quantized before timing (their cost is reported separately).
 //! `--shape SUBSTR` keeps only the shapes whose name contains SUBSTR. `--packed` runs the
 //! AVX2 / AVX-512 kernels over row-interleaved weights (the decoder's path where the CPU has them).
+//! `--rows N` times decode with N activation rows (a verification pass or a small batch;
+//! GB/s are still weight bytes per call).
 
 use std::time::Instant;
 use tern_core::kernels::{cpu_features, matmul_parallel, DType, PackedMatrix, QuantizedActs, ThreadPool};
@@ -17,6 +19,8 @@ const SHAPES: &[(&str, usize, usize)] = &[
     ("qwen 896x4864", 896, 4864),
     ("qwen 4864x896", 4864, 896),
     ("qwen 896x151936", 896, 151936),
+    ("qwen1.5b 8960x1536", 8960, 1536),
+    ("qwen1.5b 1536x151936", 1536, 151936),
     ("dram 4864x21504", 4864, 21504),
 ];
 
@@ -71,9 +75,13 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let no_prefill = args.iter().any(|a| a == "--no-prefill");
     let packed = args.iter().any(|a| a == "--packed");
-    let shape_filter = args.iter().position(|a| a == "--shape").and_then(|i| args.get(i + 1).cloned());
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1).cloned());
+    let shape_filter = value("--shape");
+    let dec_rows: usize = value("--rows").map_or(Ok(1), |v| v.parse())?;
+    anyhow::ensure!((1..=512).contains(&dec_rows), "--rows takes 1..=512");
+    let values = [shape_filter.clone(), value("--rows")];
     let wanted: Vec<&String> =
-        args.iter().filter(|a| !a.starts_with("--") && Some(*a) != shape_filter.as_ref()).collect();
+        args.iter().filter(|a| !a.starts_with("--") && !values.contains(&Some(a.to_string()))).collect();
     let dtypes = [
         DType::Q4_0,
         DType::Q4_1,
@@ -113,8 +121,8 @@ fn main() -> anyhow::Result<()> {
             };
             let x: Vec<f32> = (0..512 * k).map(|_| rng.f32()).collect();
             let mut acts = QuantizedActs::new();
-            let tq = time(50, || acts.quantize(dtype, &x[..k], 1, k).unwrap());
-            let mut y = vec![0.0f32; n];
+            let tq = time(50, || acts.quantize(dtype, &x[..dec_rows * k], dec_rows, k).unwrap());
+            let mut y = vec![0.0f32; dec_rows * n];
             let reps = (0.3 / (gb / 10.0)).clamp(5.0, 200.0) as usize;
             let mut dec = [0.0; 2];
             for (t, pool) in pools.iter().enumerate() {
