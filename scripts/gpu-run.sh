@@ -11,6 +11,7 @@
 #          device/tern-base.xz (a previous version's binary, copied there by hand) and device/tern
 #   ncu    Nsight Compute on a few Q4_K matrix-vector kernels (speed of light, memory, warp stalls)
 #   hf     the transformers baseline (../shared/bench/hf_baseline.py) in the same run
+#   hfstatic  the same with a static cache and torch.compile, batch 128 then 1
 #   serveprofile  concurrency 128 against a server with TERN_CUDA_PROFILE=ops (time per kernel)
 # Logs and JSON go to $OUT (or ./gpu-out); each stage has a time limit and a failure does not
 # stop the others.
@@ -156,6 +157,12 @@ if has hf; then
   echo "== transformers baseline"
   PYTHONUNBUFFERED=1 timeout 400 python3 device/hf_baseline.py --batches 1,8,32,128 --out "$out/hf_baseline.json" 2>&1 |
     tee "$out/hf.log" | tail -25
+fi
+
+if has hfstatic; then
+  echo "== transformers baseline, static cache + torch.compile (batch 128, then 1)"
+  PYTHONUNBUFFERED=1 timeout 450 python3 device/hf_baseline.py --batches "" --static --static-batches 128,1 --reps 2 \
+    --skip-micro --static-budget-s 360 --out "$out/hf_static.json" 2>&1 | tee "$out/hf-static.log" | tail -25
 fi
 rm -f "$out/one.txt"
 

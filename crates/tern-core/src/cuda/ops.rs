@@ -230,6 +230,9 @@ impl Act {
 
 const GEMV_ROWS: usize = 2;
 const GEMV_WARPS: usize = 4;
+/// Pieces a row needs before four warps share it: two per lane (measured on an H100 with
+/// Qwen2.5-7B shapes: 32 cost Q4_K 1.3% and 128 cost Q8_0 1.4% of decode speed against 256).
+const GEMV_SPLIT_PIECES: usize = 2 * GEMV_WARPS * 32;
 /// y[i, r] (+)= dot(W[r, :], x[i, :]) for n ≤ 8 activation rows x (f32 for bf16 weights, q8 for
 /// quantized ones) into y (row stride ldy).
 #[allow(clippy::too_many_arguments)]
@@ -261,9 +264,16 @@ pub fn gemv(
         k: m.cols as i32,
         accumulate: accumulate as i32,
     };
-    // Too few row groups to give every SM many warps: four warps share each row.
+    // Too few row groups to give every SM many warps: four warps share each row, where a row
+    // has enough pieces (a lane's load of 8 bf16, 16 q8 or 64 q4_k values) to give each of the
+    // 128 lanes two; fewer leave lanes idle and cost more than the missing warps.
+    let piece = match &m.w {
+        GpuWeights::Bf16(_) => 8,
+        GpuWeights::Q8_0 { .. } => 16,
+        GpuWeights::Q4K(_) => 64,
+    };
     let groups = m.rows.div_ceil(GEMV_ROWS);
-    let split = groups < 32 * k.sm_count && m.cols >= 2048;
+    let split = groups < 32 * k.sm_count && m.cols / piece >= GEMV_SPLIT_PIECES;
     let ws = if split { 4 } else { 1 };
     let blocks = groups.div_ceil(GEMV_WARPS / ws);
     let grid = (blocks as u32, 1, 1);
@@ -441,6 +451,8 @@ struct AttnArgs {
     part_o: u64,
     part_ml: u64,
     n_splits: i32,
+    out_kind: i32,
+    out_ds: u64,
 }
 
 /// How the decode attention divides its work: `heads` query heads per block (1, or all that
@@ -484,8 +496,17 @@ pub fn attn_split(l: &KvLayout, n: usize, max_len: usize, target_blocks: usize, 
     AttnSplit { split: ATT_MIN_SPLIT, n_splits, heads }
 }
 
+/// Whether the decode attention with split `s` can write q8 output (the o projection's input)
+/// itself: its f32 results pass through a kernel that holds whole 32-value groups in a warp
+/// (the four-warp kernel or the split merge), not only the tensor-core kernel's fragments.
+pub fn attention_writes_q8(l: &KvLayout, s: &AttnSplit) -> bool {
+    let mma_alone = s.heads > 1 && s.n_splits == 1 && mma_head_dim(l.head_dim).is_some();
+    l.head_dim.is_multiple_of(32) && !mma_alone
+}
+
 /// Attention of every token's query heads over its sequence's cached keys `0..=pos` (the
-/// sliding window when `window > 0`), through the block tables; `out` is (tokens) × (n_heads·hd).
+/// sliding window when `window > 0`), through the block tables; `out` is (tokens) × (n_heads·hd),
+/// dense f32 or (where `attention_writes_q8`) q8.
 /// It runs for `n` tokens: those listed in `tok_list`, or tokens 0..n.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
@@ -503,10 +524,17 @@ pub fn attention(
     window: usize,
     n: usize,
     s: AttnSplit,
-    out: u64,
+    out: Act,
     partials: (u64, u64),
 ) -> Result<()> {
     let g = l.n_heads / l.n_kv;
+    ensure!(
+        !matches!(out, Act::Q8 { .. }) || attention_writes_q8(l, &s),
+        "attention with split {s:?} and head dim {} cannot write q8",
+        l.head_dim
+    );
+    ensure!(!matches!(out, Act::Bf16(_)), "attention writes f32 or q8, not bf16");
+    let (out_ptr, out_ds) = out.out_ptrs(l.n_heads * l.head_dim)?;
     ensure!(g <= MAX_GROUP && l.n_heads.is_multiple_of(l.n_kv), "attention: {} query heads per KV head", g);
     let Some(hi) = ATT_HEAD_DIMS.iter().position(|&d| d == l.head_dim) else {
         bail!("attention on the GPU: head dim {} (supported: {ATT_HEAD_DIMS:?})", l.head_dim)
@@ -538,10 +566,12 @@ pub fn attention(
         window: window as i32,
         scale: 1.0 / (l.head_dim as f32).sqrt(),
         split: s.split as i32,
-        out,
+        out: out_ptr,
         part_o: partials.0,
         part_ml: partials.1,
         n_splits: s.n_splits as i32,
+        out_kind: out.kind(),
+        out_ds,
     };
     unsafe {
         let grid = (n as u32, (l.n_heads / s.heads) as u32, s.n_splits as u32);

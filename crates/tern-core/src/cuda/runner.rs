@@ -273,6 +273,15 @@ impl CudaRunner {
                     n,
                 )
             })?;
+            // The decode attention quantizes the o projection's input itself where it covers
+            // every token of the step and its kernels can.
+            let o_in = ops::gemv_input(&l.wo, ws.attn.ptr, q8);
+            let attn_q8 = small
+                && matches!(o_in, Act::Q8 { .. })
+                && plan.n_tiles == 0
+                && plan.n_decode == n
+                && ops::attention_writes_q8(&self.layout, &plan.split);
+            let attn_out = if attn_q8 { o_in } else { Act::F32 { x: ws.attn.ptr, ld: qd } };
             if plan.n_decode > 0 {
                 self.op(if small { "attention (≤4 tokens)" } else { "attention, decode kernel" }, || {
                     ops::attention(
@@ -290,7 +299,7 @@ impl CudaRunner {
                         c.sliding_window.unwrap_or(0),
                         plan.n_decode,
                         plan.split,
-                        ws.attn.ptr,
+                        attn_out,
                         (ws.part_o.ptr, ws.part_ml.ptr),
                     )
                 })?;
@@ -314,8 +323,7 @@ impl CudaRunner {
                 })?;
             }
             if small {
-                let o_in = ops::gemv_input(&l.wo, ws.attn.ptr, q8);
-                if let Act::Q8 { .. } = o_in {
+                if matches!(o_in, Act::Q8 { .. }) && !attn_q8 {
                     self.op("quantize_q8", || ops::quantize_q8(g, k, ws.attn.ptr, qd, n, qd, o_in))?;
                 }
                 self.op("gemv o", || ops::gemv(g, k, &l.wo, o_in, n, ws.x.ptr, d, true))?;

@@ -136,13 +136,16 @@ fn upload(g: &Gpu, m: &Matrix) -> GpuMatrix {
 fn gemv_matches_reference() {
     let Some((g, k)) = gpu() else { return };
     let mut rng = Rng::new(1);
-    // A wide matrix (four warps per row group) and a tall one (a warp per row group).
+    // Wide matrices (four warps per row group where rows are long enough), and a tall one (a
+    // warp per row group).
     for (dtype, rows, cols) in [
         (DType::BF16, 100, 2560),
         (DType::BF16, 9000, 256),
         (DType::Q8_0, 100, 2560),
+        (DType::Q8_0, 100, 16384),
         (DType::Q8_0, 9000, 256),
         (DType::Q4_K, 100, 2560),
+        (DType::Q4_K, 100, 16640),
         (DType::Q4_K, 9000, 256),
     ] {
         let (m, w) = random_matrix(&mut rng, dtype, rows, cols);
@@ -431,29 +434,39 @@ fn attention_over_paged_kv_matches_reference() {
             let out = DevBuf::alloc(4 * n * qd).unwrap();
             let part_o = DevBuf::alloc(4 * n * s.n_splits * qd).unwrap();
             let part_ml = DevBuf::alloc(4 * n * s.n_splits * nh * 2).unwrap();
-            ops::attention(
-                &g,
-                &k,
-                &layout,
-                qb.ptr,
-                ld,
-                kv.ptr,
-                tb.ptr,
-                stride,
-                qsb.ptr,
-                qpb.ptr,
-                None,
-                window,
-                n,
-                s,
-                out.ptr,
-                (part_o.ptr, part_ml.ptr),
-            )
-            .unwrap();
+            let run = |out: Act| {
+                ops::attention(
+                    &g,
+                    &k,
+                    &layout,
+                    qb.ptr,
+                    ld,
+                    kv.ptr,
+                    tb.ptr,
+                    stride,
+                    qsb.ptr,
+                    qpb.ptr,
+                    None,
+                    window,
+                    n,
+                    s,
+                    out,
+                    (part_o.ptr, part_ml.ptr),
+                )
+            };
+            run(Act::F32 { x: out.ptr, ld: qd }).unwrap();
             let got = download_f32(&g, &out, n * qd);
             let want: Vec<f64> = queries.iter().flat_map(|&t| reference(t)).collect();
             let e = rel_err(&got, &want);
             assert!(e < 1e-4, "attention heads {nh}/{nkv} hd {hd} window {window} split {s:?}: error {e:.2e}");
+            // Written as q8 where the kernels can: exactly the quantization of the f32 result.
+            let (q, ds, q8) = q8_buffers(n * qd);
+            if ops::attention_writes_q8(&layout, &s) {
+                run(q8).unwrap();
+                check_q8(&g, &q, &ds, &got, &format!("attention q8 output, hd {hd} split {s:?}"));
+            } else {
+                assert!(run(q8).is_err(), "q8 output refused where the kernels cannot write it ({s:?})");
+            }
             // The same queries picked by a token list from the whole batch (outputs at their rows).
             let list: Vec<i32> = queries.iter().map(|&t| t as i32).collect();
             let (lb, seqb) = (g.buffer_from(&list).unwrap(), g.buffer_from(&tok_seq).unwrap());
@@ -473,7 +486,7 @@ fn attention_over_paged_kv_matches_reference() {
                 window,
                 n,
                 s,
-                out_rows.ptr,
+                Act::F32 { x: out_rows.ptr, ld: qd },
                 (part_o.ptr, part_ml.ptr),
             )
             .unwrap();
