@@ -166,8 +166,8 @@ extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __rest
 // Matrix-vector products for a few activation rows: y[i, r] (+)= dot(W[r, :], x[i, :]).
 // Weights are read once for all N rows. A row group (GEMV_ROWS consecutive weight rows) is
 // owned by WS warps that split the row in 16-byte pieces, so each warp load is a contiguous
-// 512 bytes; WS = 4 gives matrices with few, long rows (q/k/v, o and down of a 7B model) four
-// times the warps. Each lane issues the codec's UNROLL pieces of every row before using any,
+// 512 bytes; WS = 4 gives matrices with few, long rows (down of a 7B model; q/k/v and o too in
+// bf16) four times the warps, where a row has two pieces per lane (cuda/ops.rs decides). Each lane issues the codec's UNROLL pieces of every row before using any,
 // so enough bytes are in flight to cover memory latency. `accumulate` adds into y (the
 // residual stream). Activations (a few KB per row) are read through L1 by every warp: f32
 // for bf16 weights, q8 for quantized weights, whose products are integer (dp4a) per group of
