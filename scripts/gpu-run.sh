@@ -13,6 +13,8 @@
 #   hf     the transformers baseline (../shared/bench/hf_baseline.py) in the same run
 #   hfstatic  the same with a static cache and torch.compile, batch 128 then 1
 #   serveprofile  concurrency 128 against a server with TERN_CUDA_PROFILE=ops (time per kernel)
+#   b128   Qwen2.5-7B bf16 decode of 128 sequences together (128 in / 256 out): tern-base against
+#          tern, then the GPU time per operation and Nsight Compute on its GEMMs and attention
 # Logs and JSON go to $OUT (or ./gpu-out); each stage has a time limit and a failure does not
 # stop the others.
 set -uo pipefail
@@ -60,6 +62,34 @@ if has basecmp && [ -x device/tern-base ]; then
       grep -E "^\| tg|utilization|error" "$out/one.txt"
     done
   done
+fi
+
+if has b128; then
+  echo "== batch-128 decode, Qwen2.5-7B bf16"
+  for bin in tern-base tern tern-base tern; do
+    [ -x device/$bin ] || continue
+    TERN_CUDA_PROFILE=steps timeout 120 device/$bin bench --device cuda -m "dummy:$qwen" --dummy-dtype bf16 --batch 128 \
+      -p 128 -n 256 -r 1 >"$out/one.txt" 2>&1
+    echo "-- $bin (exit $?)" | tee -a "$out/b128.txt"
+    cat "$out/one.txt" >>"$out/b128.txt"
+    grep -E "^\| (pp|tg)|batch 128 \(graph|error" "$out/one.txt"
+  done
+  TERN_CUDA_PROFILE=ops timeout 120 device/tern bench --device cuda -m "dummy:$qwen" --dummy-dtype bf16 --batch 128 \
+    -p 128 -n 32 -r 1 >"$out/one.txt" 2>&1
+  echo "-- per operation (exit $?)" | tee -a "$out/b128.txt"
+  cat "$out/one.txt" >>"$out/b128.txt"
+  grep -E "^\| |time by" "$out/one.txt" | grep -v "^|---" | head -30
+  TERN_CUDA_PROFILE=ops timeout 240 ncu --clock-control none --kernel-name regex:"attn_decode_mma|gemm|nvjet|silu_mul|rope_kv|rms_norm|f32_to_bf16" \
+    --launch-skip 3000 --launch-count 12 --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats \
+    --section Occupancy --section WarpStateStats device/tern bench --device cuda -m "dummy:$qwen" --dummy-dtype bf16 \
+    --batch 128 -p 128 -n 8 -r 1 >"$out/ncu-b128.txt" 2>&1
+  echo "ncu exit $?"
+  TERN_CUDA_PROFILE=ops timeout 240 ncu --clock-control none --kernel-name regex:"attn_decode_mma" \
+    --launch-skip 56 --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats \
+    --section Occupancy --section WarpStateStats device/tern bench --device cuda -m "dummy:$qwen" --dummy-dtype bf16 \
+    --batch 128 -p 128 -n 8 -r 1 >>"$out/ncu-b128.txt" 2>&1
+  echo "ncu exit $?"
+  grep -E "^  [a-zA-Z_0-9]+.*\(|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per|Grid Size|Block Size|Stall" "$out/ncu-b128.txt" | head -150
 fi
 
 if has ncu; then

@@ -3,6 +3,7 @@
 //! graph capture. cudarc's safe wrappers track events per buffer for multi-stream use; tern
 //! runs everything on one stream, so it calls the driver directly and pays no such cost.
 
+use super::ops::GemmOut;
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{result as drv, sys, CudaContext};
@@ -98,13 +99,13 @@ impl Gpu {
         &self,
         f: sys::CUfunction,
         grid: (u32, u32, u32),
-        block: u32,
+        block: impl BlockShape,
         smem: usize,
         args: &mut [*mut c_void],
     ) -> Result<()> {
+        let block = block.dims();
         if !self.pdl {
-            return drv::launch_kernel(f, grid, (block, 1, 1), smem as u32, self.stream, args)
-                .context("kernel launch failed");
+            return drv::launch_kernel(f, grid, block, smem as u32, self.stream, args).context("kernel launch failed");
         }
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
@@ -113,9 +114,9 @@ impl Gpu {
             gridDimX: grid.0,
             gridDimY: grid.1,
             gridDimZ: grid.2,
-            blockDimX: block,
-            blockDimY: 1,
-            blockDimZ: 1,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
             sharedMemBytes: smem as u32,
             hStream: self.stream,
             attrs: &mut attr,
@@ -169,14 +170,18 @@ impl Gpu {
         Ok(())
     }
 
-    /// C (n × m, row-major f32) = beta·C + A (n × k, row-major bf16) · Wᵀ (W: m × k row-major bf16).
+    /// C (n × m, row-major) = A (n × k, row-major bf16) · Wᵀ (W: m × k row-major bf16), into an
+    /// f32 C (plus beta·C) or a bf16 one.
     ///
     /// # Safety
     /// The pointers must hold matrices of those shapes.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn gemm_bf16(&self, w: u64, a: u64, c: u64, m: usize, n: usize, k: usize, beta: f32) -> Result<()> {
+    pub unsafe fn gemm_bf16(&self, w: u64, a: u64, out: GemmOut, m: usize, n: usize, k: usize) -> Result<()> {
         // Column-major view: Cᵀ (m × n) = W (k × m col-major, transposed) · Aᵀ (k × n).
-        let (alpha, beta) = (1.0f32, beta);
+        let (c, c_type, beta) = match out {
+            GemmOut::F32 { c, beta } => (c, blas_sys::cudaDataType::CUDA_R_32F, beta),
+            GemmOut::Bf16(c) => (c, blas_sys::cudaDataType::CUDA_R_16BF, 0.0f32),
+        };
+        let alpha = 1.0f32;
         blas::gemm_ex(
             self.blas,
             blas_sys::cublasOperation_t::CUBLAS_OP_T,
@@ -193,7 +198,7 @@ impl Gpu {
             k as i32,
             &beta as *const f32 as *const c_void,
             c as *mut c_void,
-            blas_sys::cudaDataType::CUDA_R_32F,
+            c_type,
             m as i32,
             blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -358,6 +363,23 @@ impl Drop for DevBuf {
         unsafe {
             let _ = drv::free_sync(self.ptr);
         }
+    }
+}
+
+/// A thread block's shape: a thread count, or (x, y, z).
+pub trait BlockShape {
+    fn dims(self) -> (u32, u32, u32);
+}
+
+impl BlockShape for u32 {
+    fn dims(self) -> (u32, u32, u32) {
+        (self, 1, 1)
+    }
+}
+
+impl BlockShape for (u32, u32, u32) {
+    fn dims(self) -> (u32, u32, u32) {
+        self
     }
 }
 

@@ -63,6 +63,11 @@ __device__ __forceinline__ void bf16x8_to_f32(uint4 u, float* f) {
   }
 }
 
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
 // ------------------------------------------------------------------------------------------
 // Elementwise and row kernels
 
@@ -93,6 +98,14 @@ __device__ __forceinline__ void put_q8(float v, size_t e, int8_t* __restrict__ x
 // Where a row kernel writes its output: f32, bf16 (GEMM input) or q8 (quantized GEMV input).
 enum OutKind { OUT_F32 = 0, OUT_BF16 = 1, OUT_Q8 = 2 };
 
+// f32 or bf16 only: for kernels whose warps do not hold whole q8 groups.
+__device__ __forceinline__ void put_plain(int kind, void* out, size_t e, float y) {
+  if (kind == OUT_BF16)
+    ((bf16*)out)[e] = __float2bfloat16(y);
+  else
+    ((float*)out)[e] = y;
+}
+
 __device__ __forceinline__ void put_out(int kind, void* out, float2* xds, size_t e, float y) {
   if (kind == OUT_Q8)
     put_q8(y, e, (int8_t*)out, xds);
@@ -111,6 +124,13 @@ __device__ __forceinline__ void put_out(int kind, void* out, float2* xds, size_t
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     const int* __restrict__ rows, void* __restrict__ out, float2* __restrict__ xds,
                                     int kind, int d, float eps) {
+  // The weights do not depend on the previous kernel: their loads start before waiting on it.
+  float wv[NORM_VALS];
+#pragma unroll
+  for (int e = 0; e < NORM_VALS; e++) {
+    int j = threadIdx.x + e * blockDim.x;
+    wv[e] = j < d ? w[j] : 0.f;
+  }
   PDL_ENTRY();
   __shared__ float red[32];
   int i = blockIdx.x;
@@ -129,22 +149,45 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 #pragma unroll
   for (int e = 0; e < NORM_VALS; e++) {
     int j = threadIdx.x + e * blockDim.x;
-    if (j < d) put_out(kind, out, xds, (size_t)i * d + j, v[e] * inv * w[j]);
+    if (j < d) put_out(kind, out, xds, (size_t)i * d + j, v[e] * inv * wv[e]);
   }
   for (int j = threadIdx.x + NORM_VALS * blockDim.x; j < d; j += blockDim.x)
     put_out(kind, out, xds, (size_t)i * d + j, xr[j] * inv * w[j]);
 }
 
-// act[i, j] = silu(gu[i, j]) * gu[i, f + j], in the output kind: gu rows are [gate f | up f].
-extern "C" __global__ void silu_mul(const float* __restrict__ gu, void* __restrict__ act, float2* __restrict__ xds,
-                                    int kind, int n, int f) {
+// act[i, j] = silu(gu[i, j]) * gu[i, f + j], in the output kind: gu rows are [gate f | up f],
+// f32 or (gu_bf16, the GEMM's output) bf16. Grid (f / (256 · per) rounded up, n), no 64-bit
+// division per element. per = 8 (bf16 in and out, f % 8 == 0: the GEMM path) moves 16 bytes per
+// load and store; per = 1 otherwise, where with f % 32 == 0 (q8) every warp is wholly inside
+// the row or past it and holds one group.
+__device__ __forceinline__ float silu(float g) { return g / (1.f + __expf(-g)); }
+
+extern "C" __global__ void silu_mul(const void* __restrict__ gu, int gu_bf16, void* __restrict__ act,
+                                    float2* __restrict__ xds, int kind, int f, int per) {
   PDL_ENTRY();
-  size_t total = (size_t)n * f;
-  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
-    size_t i = e / f, j = e % f;
-    float g = gu[i * 2 * f + j], u = gu[i * 2 * f + f + j];
-    put_out(kind, act, xds, e, g / (1.f + __expf(-g)) * u);
+  int i = blockIdx.y, j = (blockIdx.x * blockDim.x + threadIdx.x) * per;
+  if (j >= f) return;
+  size_t at = (size_t)i * 2 * f + j;
+  if (per == 8) {
+    float g[8], u[8];
+    bf16x8_to_f32(*reinterpret_cast<const uint4*>((const bf16*)gu + at), g);
+    bf16x8_to_f32(*reinterpret_cast<const uint4*>((const bf16*)gu + at + f), u);
+    uint4 o;
+    uint32_t* op = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+    for (int e = 0; e < 4; e++) op[e] = pack_bf16(silu(g[2 * e]) * u[2 * e], silu(g[2 * e + 1]) * u[2 * e + 1]);
+    *reinterpret_cast<uint4*>((bf16*)act + (size_t)i * f + j) = o;
+    return;
   }
+  float g, u;
+  if (gu_bf16) {
+    g = __bfloat162float(((const bf16*)gu)[at]);
+    u = __bfloat162float(((const bf16*)gu)[at + f]);
+  } else {
+    g = ((const float*)gu)[at];
+    u = ((const float*)gu)[at + f];
+  }
+  put_out(kind, act, xds, (size_t)i * f + j, silu(g) * u);
 }
 
 // q8 activations of n rows of k values (row stride ldx), written densely [n][k].
@@ -154,12 +197,6 @@ extern "C" __global__ void quantize_q8(const float* __restrict__ x, int ldx, int
   size_t total = (size_t)n * k;
   for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x)
     put_q8(x[(e / k) * ldx + e % k], e, xq, xds);
-}
-
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, size_t n) {
-  PDL_ENTRY();
-  for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x)
-    y[e] = __float2bfloat16(x[e]);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -447,15 +484,17 @@ extern "C" __global__ void dequant_q4_k_bf16(const uint8_t* __restrict__ w, bf16
 // no slow large-argument sincos runs here. Tokens with slot < 0 are padding and are skipped.
 // style 0: rotate halves (x[i], x[i + hd/2]); style 1: adjacent pairs (x[2i], x[2i+1]).
 
-// Grid (token, head of q | k | v), hd/2 threads: each thread owns one rotation pair.
+// Grid (token, group of ROPE_HEADS heads of q | k | v), (hd/2 rounded up to a warp) ×
+// ROPE_HEADS threads: each thread owns one rotation pair. Several heads per block keep a
+// 128-token step's blocks within one wave.
 extern "C" __global__ void rope_kv_write(float* __restrict__ qkv, const float* __restrict__ bias,
                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                          const int* __restrict__ pos, const int* __restrict__ slot,
                                          bf16* __restrict__ kv_layer, int n_heads, int n_kv, int hd, int style,
                                          int block_size, size_t block_stride) {
   PDL_ENTRY();
-  int i = blockIdx.x, head = blockIdx.y, f = threadIdx.x;
-  if (slot[i] < 0 || f >= hd / 2) return;
+  int i = blockIdx.x, head = blockIdx.y * blockDim.y + threadIdx.y, f = threadIdx.x;
+  if (slot[i] < 0 || f >= hd / 2 || head >= n_heads + 2 * n_kv) return;
   int qd = n_heads * hd, kvd = n_kv * hd, half = hd / 2;
   float* x = qkv + (size_t)i * (qd + 2 * kvd) + head * hd;  // k heads follow q heads, then v heads
   const float* bx = bias ? bias + head * hd : nullptr;
@@ -518,7 +557,7 @@ struct AttnArgs {
   int window;  // 0: none
   float scale;
   int split;  // fewest keys per split
-  float* out;  // [n][n_heads * hd], f32 or (out_kind OUT_Q8, not by the tensor-core kernel alone) q8
+  void* out;  // [n][n_heads * hd]: f32, bf16 or (not by the tensor-core kernel alone) q8
   float* part_o;  // [n][n_splits][n_heads][hd]
   float* part_ml;  // [n][n_splits][n_heads][2]
   int n_splits;
@@ -791,13 +830,9 @@ struct FlashArgs {
   const int* tiles;  // [n_tiles][4]: first token, tokens (<= 64), sequence, position of the first
   int n_heads, n_kv, block_size, window;
   float scale;
-  float* out;
+  void* out;     // [tokens][n_heads * hd]
+  int out_kind;  // OUT_F32 or OUT_BF16 (the GEMM input)
 };
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 
 __device__ __forceinline__ uint32_t pack_bf16_raw(bf16 lo, bf16 hi) {
   return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
@@ -940,14 +975,14 @@ __device__ void attn_prefill_impl(const FlashArgs& a) {
   for (int d = 0; d < HD / 8; d++) {
     int c = h * HD + d * 8 + 2 * tq;
     if (va) {
-      float* y = a.out + (size_t)(tok0 + ra) * qd + c;
-      y[0] = o[d][0] / l_a;
-      y[1] = o[d][1] / l_a;
+      size_t e = (size_t)(tok0 + ra) * qd + c;
+      put_plain(a.out_kind, a.out, e, o[d][0] / l_a);
+      put_plain(a.out_kind, a.out, e + 1, o[d][1] / l_a);
     }
     if (vb) {
-      float* y = a.out + (size_t)(tok0 + rb) * qd + c;
-      y[0] = o[d][2] / l_b;
-      y[1] = o[d][3] / l_b;
+      size_t e = (size_t)(tok0 + rb) * qd + c;
+      put_plain(a.out_kind, a.out, e, o[d][2] / l_b);
+      put_plain(a.out_kind, a.out, e + 1, o[d][3] / l_b);
     }
   }
 }
@@ -1116,15 +1151,20 @@ __device__ void attn_decode_mma_impl(const AttnArgs& a) {
 #pragma unroll
   for (int d = 0; d < HD / 8; d++) {
     int c = d * 8 + 2 * tq;
-    if (va) {
-      float* y = whole ? a.out + out_off + (size_t)gid * HD + c : a.part_o + (part + gid) * HD + c;
-      y[0] = whole ? o[d][0] / l_a : o[d][0];
-      y[1] = whole ? o[d][1] / l_a : o[d][1];
+    // Whole results go out per element: f32 or bf16 (q8 needs whole groups in a warp).
+    if (va && whole) {
+      put_plain(a.out_kind, a.out, out_off + (size_t)gid * HD + c, o[d][0] / l_a);
+      put_plain(a.out_kind, a.out, out_off + (size_t)gid * HD + c + 1, o[d][1] / l_a);
+    } else if (va) {
+      a.part_o[(part + gid) * HD + c] = o[d][0];
+      a.part_o[(part + gid) * HD + c + 1] = o[d][1];
     }
-    if (vb) {
-      float* y = whole ? a.out + out_off + (size_t)(gid + 8) * HD + c : a.part_o + (part + gid + 8) * HD + c;
-      y[0] = whole ? o[d][2] / l_b : o[d][2];
-      y[1] = whole ? o[d][3] / l_b : o[d][3];
+    if (vb && whole) {
+      put_plain(a.out_kind, a.out, out_off + (size_t)(gid + 8) * HD + c, o[d][2] / l_b);
+      put_plain(a.out_kind, a.out, out_off + (size_t)(gid + 8) * HD + c + 1, o[d][3] / l_b);
+    } else if (vb) {
+      a.part_o[(part + gid + 8) * HD + c] = o[d][2];
+      a.part_o[(part + gid + 8) * HD + c + 1] = o[d][3];
     }
   }
   if (!whole && tq == 0) {

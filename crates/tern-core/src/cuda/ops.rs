@@ -24,7 +24,6 @@ pub struct Kernels {
     rms_norm: CUfunction,
     silu_mul: CUfunction,
     quantize_q8: CUfunction,
-    f32_to_bf16: CUfunction,
     /// [warps per row group: 1 or 4][activation rows - 1]
     gemv_bf16: [[CUfunction; GEMV_MAX_ROWS]; 2],
     gemv_q8_0: [[CUfunction; GEMV_MAX_ROWS]; 2],
@@ -63,7 +62,6 @@ impl Kernels {
             rms_norm: f("rms_norm")?,
             silu_mul: f("silu_mul")?,
             quantize_q8: f("quantize_q8")?,
-            f32_to_bf16: f("f32_to_bf16")?,
             gemv_bf16: per_n("gemv_bf16")?,
             gemv_q8_0: per_n("gemv_q8_0")?,
             gemv_q4_k: per_n("gemv_q4_k")?,
@@ -328,20 +326,19 @@ pub fn as_bf16(gpu: &Gpu, k: &Kernels, m: &GpuMatrix, scratch: &DevBuf) -> Resul
     }
 }
 
-/// C (n × rows, f32) = beta·C + A (n × cols, bf16) · Wᵀ, through cuBLAS.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm(
-    gpu: &Gpu,
-    k: &Kernels,
-    m: &GpuMatrix,
-    a: u64,
-    n: usize,
-    c: u64,
-    beta: f32,
-    scratch: &DevBuf,
-) -> Result<()> {
+/// Where a GEMM writes C (n × rows, dense).
+#[derive(Clone, Copy, Debug)]
+pub enum GemmOut {
+    /// f32, C = beta·C + A·Wᵀ (beta 1 adds into the residual stream).
+    F32 { c: u64, beta: f32 },
+    /// bf16, C = A·Wᵀ: half the bytes for an output that only feeds a row kernel.
+    Bf16(u64),
+}
+
+/// C = A (n × cols, bf16) · Wᵀ (+ beta·C), through cuBLAS.
+pub fn gemm(gpu: &Gpu, k: &Kernels, m: &GpuMatrix, a: u64, n: usize, out: GemmOut, scratch: &DevBuf) -> Result<()> {
     let w = as_bf16(gpu, k, m, scratch)?;
-    unsafe { gpu.gemm_bf16(w, a, c, m.rows, n, m.cols, beta) }
+    unsafe { gpu.gemm_bf16(w, a, out, m.rows, n, m.cols) }
 }
 
 pub fn embed(gpu: &Gpu, k: &Kernels, table: u64, tokens: u64, x: u64, n: usize, d: usize) -> Result<()> {
@@ -368,14 +365,18 @@ pub fn rms_norm(
     unsafe { launch!(gpu, k.rms_norm, (n as u32, 1, 1), threads, 0; x, w, rows, o, ds, out.kind(), d as i32, eps) }
 }
 
-/// act[i, j] = silu(gate_up[i, j]) · gate_up[i, f + j].
-pub fn silu_mul(gpu: &Gpu, k: &Kernels, gate_up: u64, act: Act, n: usize, f: usize) -> Result<()> {
+/// act[i, j] = silu(gate_up[i, j]) · gate_up[i, f + j]; gate_up is dense f32 or bf16 rows of 2f.
+pub fn silu_mul(gpu: &Gpu, k: &Kernels, gate_up: Act, act: Act, n: usize, f: usize) -> Result<()> {
+    let (gu, gu_bf16) = match gate_up {
+        Act::F32 { x, ld } if ld == 2 * f => (x, 0i32),
+        Act::Bf16(x) => (x, 1),
+        other => bail!("silu_mul reads dense f32 or bf16 rows of [gate | up], not {other:?}"),
+    };
     let (o, ds) = act.out_ptrs(f)?;
-    unsafe { launch!(gpu, k.silu_mul, grid_for(n * f), 256, 0; gate_up, o, ds, act.kind(), n as i32, f as i32) }
-}
-
-pub fn f32_to_bf16(gpu: &Gpu, k: &Kernels, x: u64, y: u64, n: usize) -> Result<()> {
-    unsafe { launch!(gpu, k.f32_to_bf16, grid_for(n), 256, 0; x, y, n) }
+    // Eight values per thread where input and output are bf16 (16-byte loads and stores).
+    let per: i32 = if gu_bf16 == 1 && matches!(act, Act::Bf16(_)) && f.is_multiple_of(8) { 8 } else { 1 };
+    let grid = (f.div_ceil(256 * per as usize) as u32, n as u32, 1);
+    unsafe { launch!(gpu, k.silu_mul, grid, 256, 0; gu, gu_bf16, o, ds, act.kind(), f as i32, per) }
 }
 
 /// Where the attention and KV-write kernels find the paged cache and the batch's metadata.
@@ -419,9 +420,11 @@ pub fn rope_kv_write(
     style: i32,
     n: usize,
 ) -> Result<()> {
+    const ROPE_HEADS: usize = 4;
     unsafe {
-        let grid = (n as u32, (l.n_heads + 2 * l.n_kv) as u32, 1);
-        launch!(gpu, k.rope_kv_write, grid, (l.head_dim / 2).next_multiple_of(32) as u32, 0;
+        let grid = (n as u32, (l.n_heads + 2 * l.n_kv).div_ceil(ROPE_HEADS) as u32, 1);
+        let block = ((l.head_dim / 2).next_multiple_of(32) as u32, ROPE_HEADS as u32, 1);
+        launch!(gpu, k.rope_kv_write, grid, block, 0;
             qkv, bias.unwrap_or(0), cos_sin.0, cos_sin.1, pos, slot, kv_layer,
             l.n_heads as i32, l.n_kv as i32, l.head_dim as i32, style, l.block_size as i32, l.block_stride)
     }
@@ -506,7 +509,7 @@ pub fn attention_writes_q8(l: &KvLayout, s: &AttnSplit) -> bool {
 
 /// Attention of every token's query heads over its sequence's cached keys `0..=pos` (the
 /// sliding window when `window > 0`), through the block tables; `out` is (tokens) × (n_heads·hd),
-/// dense f32 or (where `attention_writes_q8`) q8.
+/// dense f32, bf16 or (where `attention_writes_q8`) q8.
 /// It runs for `n` tokens: those listed in `tok_list`, or tokens 0..n.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
@@ -533,7 +536,6 @@ pub fn attention(
         "attention with split {s:?} and head dim {} cannot write q8",
         l.head_dim
     );
-    ensure!(!matches!(out, Act::Bf16(_)), "attention writes f32 or q8, not bf16");
     let (out_ptr, out_ds) = out.out_ptrs(l.n_heads * l.head_dim)?;
     ensure!(g <= MAX_GROUP && l.n_heads.is_multiple_of(l.n_kv), "attention: {} query heads per KV head", g);
     let Some(hi) = ATT_HEAD_DIMS.iter().position(|&d| d == l.head_dim) else {
@@ -603,6 +605,7 @@ struct FlashArgs {
     window: i32,
     scale: f32,
     out: u64,
+    out_kind: i32,
 }
 
 /// Query tokens per tile of the prefill attention kernel.
@@ -615,7 +618,7 @@ pub fn has_prefill_attention(head_dim: usize) -> bool {
 
 /// Prefill attention over `n_tiles` tiles (device array of [first token, tokens ≤ 64,
 /// sequence, position of the first] each): every tile's tokens attend causally (and within
-/// the sliding window) to their sequence's cached keys; `out` as for `attention`.
+/// the sliding window) to their sequence's cached keys; `out` as for `attention`, f32 or bf16.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_prefill(
     gpu: &Gpu,
@@ -629,8 +632,10 @@ pub fn attention_prefill(
     tiles: u64,
     n_tiles: usize,
     window: usize,
-    out: u64,
+    out: Act,
 ) -> Result<()> {
+    ensure!(!matches!(out, Act::Q8 { .. }), "the prefill attention writes f32 or bf16, not q8");
+    let (out_ptr, _) = out.out_ptrs(l.n_heads * l.head_dim)?;
     let f = match l.head_dim {
         64 => k.attn_prefill_64,
         128 => k.attn_prefill_128,
@@ -649,7 +654,8 @@ pub fn attention_prefill(
         block_size: l.block_size as i32,
         window: window as i32,
         scale: 1.0 / (l.head_dim as f32).sqrt(),
-        out,
+        out: out_ptr,
+        out_kind: out.kind(),
     };
     unsafe { launch!(gpu, f, (n_tiles as u32, l.n_heads as u32, 1), 128, 0; args) }
 }

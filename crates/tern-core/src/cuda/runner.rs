@@ -9,7 +9,7 @@
 //! no KV and attend to nothing.
 
 use super::device::{DevBuf, Gpu, Graph, Profiler};
-use super::ops::{self, Act, AttnSplit, Kernels, KvLayout};
+use super::ops::{self, Act, AttnSplit, GemmOut, Kernels, KvLayout};
 use super::weights::GpuModel;
 use crate::engine::runner::{blocks_in, most_needed, Row, Runner, StepOutput};
 use crate::engine::EngineConfig;
@@ -63,7 +63,9 @@ struct Workspace {
     /// bf16 GEMM inputs (normed x, attention output, SiLU·up).
     hb: DevBuf,
     qkv: DevBuf,
+    /// f32 attention output (matrix-vector path, where the attention cannot write q8).
     attn: DevBuf,
+    /// [gate | up] rows: f32 (matrix-vector path) or bf16 (GEMM path).
     gate_up: DevBuf,
     /// f32 normed rows (matrix-vector path).
     hn: DevBuf,
@@ -147,7 +149,7 @@ impl CudaRunner {
             x: f32s(cap_tokens * c.hidden)?,
             hb: DevBuf::alloc(2 * cap_tokens * c.hidden.max(qd).max(f))?,
             qkv: f32s(cap_tokens * (qd + 2 * kvd))?,
-            attn: f32s(cap_tokens * qd)?,
+            attn: f32s(GEMV_TOKENS * qd)?,
             gate_up: f32s(cap_tokens * 2 * f)?,
             hn: f32s(GEMV_TOKENS * c.hidden)?,
             act: f32s(GEMV_TOKENS * f)?,
@@ -255,7 +257,8 @@ impl CudaRunner {
                 self.op("rms_norm", || {
                     ops::rms_norm(g, k, ws.x.ptr, l.attn_norm.ptr, None, Act::Bf16(ws.hb.ptr), n, d, c.rms_eps)
                 })?;
-                self.op("gemm qkv", || ops::gemm(g, k, &l.qkv, ws.hb.ptr, n, ws.qkv.ptr, 0.0, &ws.scratch))?;
+                let out = GemmOut::F32 { c: ws.qkv.ptr, beta: 0.0 };
+                self.op("gemm qkv", || ops::gemm(g, k, &l.qkv, ws.hb.ptr, n, out, &ws.scratch))?;
             }
             let bias = l.qkv_bias.as_ref().map(|b| b.ptr);
             self.op(if small { "rope + kv write (≤8)" } else { "rope + kv write (>8)" }, || {
@@ -273,15 +276,20 @@ impl CudaRunner {
                     n,
                 )
             })?;
-            // The decode attention quantizes the o projection's input itself where it covers
-            // every token of the step and its kernels can.
+            // The attention writes the o projection's input itself: bf16 for the GEMM, and
+            // q8 for the matrix-vector product where the decode kernels cover every token of
+            // the step and can.
             let o_in = ops::gemv_input(&l.wo, ws.attn.ptr, q8);
             let attn_q8 = small
                 && matches!(o_in, Act::Q8 { .. })
                 && plan.n_tiles == 0
                 && plan.n_decode == n
                 && ops::attention_writes_q8(&self.layout, &plan.split);
-            let attn_out = if attn_q8 { o_in } else { Act::F32 { x: ws.attn.ptr, ld: qd } };
+            let attn_out = match (small, attn_q8) {
+                (false, _) => Act::Bf16(ws.hb.ptr),
+                (true, true) => o_in,
+                (true, false) => Act::F32 { x: ws.attn.ptr, ld: qd },
+            };
             if plan.n_decode > 0 {
                 self.op(if small { "attention (≤4 tokens)" } else { "attention, decode kernel" }, || {
                     ops::attention(
@@ -318,7 +326,7 @@ impl CudaRunner {
                         self.meta(ml.tiles),
                         plan.n_tiles,
                         c.sliding_window.unwrap_or(0),
-                        ws.attn.ptr,
+                        attn_out,
                     )
                 })?;
             }
@@ -331,19 +339,21 @@ impl CudaRunner {
                 self.op("rms_norm", || ops::rms_norm(g, k, ws.x.ptr, l.ffn_norm.ptr, None, into, n, d, c.rms_eps))?;
                 self.op("gemv gate_up", || ops::gemv(g, k, &l.gate_up, into, n, ws.gate_up.ptr, 2 * f, false))?;
                 let act = ops::gemv_input(&l.down, ws.act.ptr, q8);
-                self.op("silu_mul", || ops::silu_mul(g, k, ws.gate_up.ptr, act, n, f))?;
+                let gu = Act::F32 { x: ws.gate_up.ptr, ld: 2 * f };
+                self.op("silu_mul", || ops::silu_mul(g, k, gu, act, n, f))?;
                 self.op("gemv down", || ops::gemv(g, k, &l.down, act, n, ws.x.ptr, d, true))?;
             } else {
-                self.op("f32_to_bf16", || ops::f32_to_bf16(g, k, ws.attn.ptr, ws.hb.ptr, n * qd))?;
-                self.op("gemm o", || ops::gemm(g, k, &l.wo, ws.hb.ptr, n, ws.x.ptr, 1.0, &ws.scratch))?;
+                let residual = GemmOut::F32 { c: ws.x.ptr, beta: 1.0 };
+                self.op("gemm o", || ops::gemm(g, k, &l.wo, ws.hb.ptr, n, residual, &ws.scratch))?;
                 self.op("rms_norm", || {
                     ops::rms_norm(g, k, ws.x.ptr, l.ffn_norm.ptr, None, Act::Bf16(ws.hb.ptr), n, d, c.rms_eps)
                 })?;
-                self.op("gemm gate_up", || {
-                    ops::gemm(g, k, &l.gate_up, ws.hb.ptr, n, ws.gate_up.ptr, 0.0, &ws.scratch)
-                })?;
-                self.op("silu_mul", || ops::silu_mul(g, k, ws.gate_up.ptr, Act::Bf16(ws.hb.ptr), n, f))?;
-                self.op("gemm down", || ops::gemm(g, k, &l.down, ws.hb.ptr, n, ws.x.ptr, 1.0, &ws.scratch))?;
+                // gate and up in bf16: SiLU·up is the only reader and rounds to bf16 anyway.
+                let gate_up = GemmOut::Bf16(ws.gate_up.ptr);
+                self.op("gemm gate_up", || ops::gemm(g, k, &l.gate_up, ws.hb.ptr, n, gate_up, &ws.scratch))?;
+                let gu = Act::Bf16(ws.gate_up.ptr);
+                self.op("silu_mul", || ops::silu_mul(g, k, gu, Act::Bf16(ws.hb.ptr), n, f))?;
+                self.op("gemm down", || ops::gemm(g, k, &l.down, ws.hb.ptr, n, residual, &ws.scratch))?;
             }
         }
         let rows = Some(self.meta(ml.rows));
@@ -356,7 +366,8 @@ impl CudaRunner {
             self.op("rms_norm", || {
                 ops::rms_norm(g, k, ws.x.ptr, w.out_norm.ptr, rows, Act::Bf16(ws.hb.ptr), m, d, c.rms_eps)
             })?;
-            self.op("gemm lm_head", || ops::gemm(g, k, head, ws.hb.ptr, m, ws.logits.ptr, 0.0, &ws.scratch))?;
+            let logits = GemmOut::F32 { c: ws.logits.ptr, beta: 0.0 };
+            self.op("gemm lm_head", || ops::gemm(g, k, head, ws.hb.ptr, m, logits, &ws.scratch))?;
         }
         self.op("argmax", || ops::argmax_rows(g, k, ws.logits.ptr, m, c.vocab_size, ws.argmax.ptr))
     }

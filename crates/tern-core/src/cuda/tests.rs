@@ -3,7 +3,7 @@
 //! skipped and passes (CI builds without the `cuda` feature and never compiles them).
 
 use super::device::{DevBuf, Gpu};
-use super::ops::{self, Act, AttnSplit, GpuMatrix, Kernels, KvLayout};
+use super::ops::{self, Act, AttnSplit, GemmOut, GpuMatrix, Kernels, KvLayout};
 use super::runner::CudaRunner;
 use crate::engine::runner::{CpuRunner, Row, Runner, StepOutput};
 use crate::engine::{Device, EngineConfig};
@@ -36,6 +36,13 @@ fn download_f32(g: &Gpu, b: &DevBuf, n: usize) -> Vec<f32> {
     let mut v = vec![0f32; n];
     g.download(b, 0, &mut v).unwrap();
     v
+}
+
+/// n bf16 values, as f32.
+fn download_bf16(g: &Gpu, b: &DevBuf, n: usize) -> Vec<f32> {
+    let mut bits = vec![0u16; n];
+    g.download(b, 0, &mut bits).unwrap();
+    bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
 }
 
 /// ‖a − b‖ / ‖b‖, failing on NaN.
@@ -197,8 +204,11 @@ fn gemm_matches_reference() {
         let c0 = randn(&mut rng, n * rows, 1.0);
         let (ab, cb) = (g.buffer_from(&a16).unwrap(), g.buffer_from(&c0).unwrap());
         let scratch = DevBuf::alloc(2 * rows * cols).unwrap();
-        ops::gemm(&g, &k, &gm, ab.ptr, n, cb.ptr, 1.0, &scratch).unwrap();
+        ops::gemm(&g, &k, &gm, ab.ptr, n, GemmOut::F32 { c: cb.ptr, beta: 1.0 }, &scratch).unwrap();
         let got = download_f32(&g, &cb, n * rows);
+        let c16 = DevBuf::alloc(2 * n * rows).unwrap();
+        ops::gemm(&g, &k, &gm, ab.ptr, n, GemmOut::Bf16(c16.ptr), &scratch).unwrap();
+        let got16 = download_bf16(&g, &c16, n * rows);
         // The GEMM reads weights rounded to bf16.
         let wb: Vec<f64> = w.iter().map(|&v| bf16::from_f32(v).to_f32() as f64).collect();
         let want: Vec<f64> = (0..n * rows)
@@ -209,6 +219,10 @@ fn gemm_matches_reference() {
             .collect();
         let e = rel_err(&got, &want);
         assert!(e < 1e-4, "{dtype} gemm: error {e:.2e}");
+        // The bf16 output: the product alone (no beta), rounded.
+        let prod: Vec<f64> = want.iter().zip(&c0).map(|(w, &c)| w - c as f64).collect();
+        let e = rel_err(&got16, &prod);
+        assert!(e < 5e-3, "{dtype} gemm into bf16: error {e:.2e}");
     }
 }
 
@@ -248,21 +262,46 @@ fn rms_norm_and_silu_match_reference() {
         })
         .collect();
     let act = DevBuf::alloc(4 * n * f).unwrap();
-    ops::silu_mul(&g, &k, gub.ptr, Act::F32 { x: act.ptr, ld: f }, n, f).unwrap();
+    let gu_f32 = Act::F32 { x: gub.ptr, ld: 2 * f };
+    ops::silu_mul(&g, &k, gu_f32, Act::F32 { x: act.ptr, ld: f }, n, f).unwrap();
     assert!(rel_err(&download_f32(&g, &act, n * f), &want) < 1e-5, "silu_mul (f32 output)");
+    let strided = Act::F32 { x: gub.ptr, ld: f };
+    assert!(ops::silu_mul(&g, &k, strided, Act::F32 { x: act.ptr, ld: f }, n, f).is_err(), "strided input refused");
+    // bf16 input (the GEMM's output): the same function of the rounded values.
+    let gu16: Vec<u16> = gu.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let gu16b = g.buffer_from(&gu16).unwrap();
+    ops::silu_mul(&g, &k, Act::Bf16(gu16b.ptr), Act::F32 { x: act.ptr, ld: f }, n, f).unwrap();
+    let want16: Vec<f64> = (0..n * f)
+        .map(|e| {
+            let (i, j) = (e / f, e % f);
+            let r = |v: f32| bf16::from_f32(v).to_f32() as f64;
+            let gt = r(gu[i * 2 * f + j]);
+            gt / (1.0 + (-gt).exp()) * r(gu[i * 2 * f + f + j])
+        })
+        .collect();
+    assert!(rel_err(&download_f32(&g, &act, n * f), &want16) < 1e-5, "silu_mul (bf16 input)");
+    // bf16 in and out with rows of a multiple of 8 (eight values per thread): as the scalar path.
+    let f8 = 320;
+    let gu8: Vec<u16> = randn(&mut rng, n * 2 * f8, 2.0).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let gu8b = g.buffer_from(&gu8).unwrap();
+    let (act8, act8_ref) = (DevBuf::alloc(2 * n * f8).unwrap(), DevBuf::alloc(4 * n * f8).unwrap());
+    ops::silu_mul(&g, &k, Act::Bf16(gu8b.ptr), Act::Bf16(act8.ptr), n, f8).unwrap();
+    ops::silu_mul(&g, &k, Act::Bf16(gu8b.ptr), Act::F32 { x: act8_ref.ptr, ld: f8 }, n, f8).unwrap();
+    let rounded: Vec<f64> =
+        download_f32(&g, &act8_ref, n * f8).iter().map(|&v| bf16::from_f32(v).to_f32() as f64).collect();
+    assert!(rel_err(&download_bf16(&g, &act8, n * f8), &rounded) < 1e-6, "silu_mul, eight bf16 per thread");
     // q8 output (rows of a multiple of 32): the quantization of the f32 output.
     let (q, ds, q8) = q8_buffers(n * 320);
     let gu320 = randn(&mut rng, n * 2 * 320, 2.0);
     let gu320b = g.buffer_from(&gu320).unwrap();
     let act320 = DevBuf::alloc(4 * n * 320).unwrap();
-    ops::silu_mul(&g, &k, gu320b.ptr, Act::F32 { x: act320.ptr, ld: 320 }, n, 320).unwrap();
-    ops::silu_mul(&g, &k, gu320b.ptr, q8, n, 320).unwrap();
+    let gu320_in = Act::F32 { x: gu320b.ptr, ld: 640 };
+    ops::silu_mul(&g, &k, gu320_in, Act::F32 { x: act320.ptr, ld: 320 }, n, 320).unwrap();
+    ops::silu_mul(&g, &k, gu320_in, q8, n, 320).unwrap();
     check_q8(&g, &q, &ds, &download_f32(&g, &act320, n * 320), "silu_mul into q8");
-    assert!(ops::silu_mul(&g, &k, gub.ptr, q8, n, f).is_err(), "q8 rows of 300 values are refused");
-    ops::silu_mul(&g, &k, gub.ptr, Act::Bf16(act.ptr), n, f).unwrap();
-    let mut bits = vec![0u16; n * f];
-    g.download(&act, 0, &mut bits).unwrap();
-    let got: Vec<f32> = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+    assert!(ops::silu_mul(&g, &k, gu_f32, q8, n, f).is_err(), "q8 rows of 300 values are refused");
+    ops::silu_mul(&g, &k, gu_f32, Act::Bf16(act.ptr), n, f).unwrap();
+    let got = download_bf16(&g, &act, n * f);
     assert!(rel_err(&got, &want) < 5e-3, "silu_mul (bf16 output)");
 }
 
@@ -459,6 +498,12 @@ fn attention_over_paged_kv_matches_reference() {
             let want: Vec<f64> = queries.iter().flat_map(|&t| reference(t)).collect();
             let e = rel_err(&got, &want);
             assert!(e < 1e-4, "attention heads {nh}/{nkv} hd {hd} window {window} split {s:?}: error {e:.2e}");
+            // Written as bf16 (the GEMM input): the f32 result, rounded.
+            let out16 = DevBuf::alloc(2 * n * qd).unwrap();
+            run(Act::Bf16(out16.ptr)).unwrap();
+            let rounded: Vec<f64> = got.iter().map(|&v| bf16::from_f32(v).to_f32() as f64).collect();
+            let e = rel_err(&download_bf16(&g, &out16, n * qd), &rounded);
+            assert!(e < 1e-5, "attention bf16 output, hd {hd} split {s:?}: error {e:.2e}");
             // Written as q8 where the kernels can: exactly the quantization of the f32 result.
             let (q, ds, q8) = q8_buffers(n * qd);
             if ops::attention_writes_q8(&layout, &s) {
@@ -521,13 +566,33 @@ fn attention_over_paged_kv_matches_reference() {
             tb2.ptr,
             tiles.len() / 4,
             window,
-            out_all.ptr,
+            Act::F32 { x: out_all.ptr, ld: qd },
         )
         .unwrap();
         let got = download_f32(&g, &out_all, n_all * qd);
         let want: Vec<f64> = (0..n_all).flat_map(reference).collect();
         let e = rel_err(&got, &want);
         assert!(e < 1e-2, "prefill attention heads {nh}/{nkv} hd {hd} window {window}: error {e:.2e}");
+        // bf16 output: the f32 output, rounded.
+        let out16 = DevBuf::alloc(2 * n_all * qd).unwrap();
+        let prefill16 = ops::attention_prefill(
+            &g,
+            &k,
+            &layout,
+            qkvb.ptr,
+            ld,
+            kv.ptr,
+            tb.ptr,
+            stride,
+            tb2.ptr,
+            tiles.len() / 4,
+            window,
+            Act::Bf16(out16.ptr),
+        );
+        prefill16.unwrap();
+        let rounded: Vec<f64> = got.iter().map(|&v| bf16::from_f32(v).to_f32() as f64).collect();
+        let e = rel_err(&download_bf16(&g, &out16, n_all * qd), &rounded);
+        assert!(e < 1e-5, "prefill attention bf16 output, hd {hd}: error {e:.2e}");
     }
 }
 
