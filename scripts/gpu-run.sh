@@ -139,10 +139,13 @@ try:
 except Exception as e:
     print(f"concurrency {sys.argv[2]}: no result ({e})"); sys.exit()
 m = r.get('server_metrics', {})
-steps, step_s, fwd_s = (m.get('tern_engine_' + k, 0) for k in ['steps_total', 'step_seconds_total', 'forward_seconds_total'])
+steps, step_s, fwd_s, sched_s, outp_s = (m.get('tern_engine_' + k, 0) for k in
+    ['steps_total', 'step_seconds_total', 'forward_seconds_total', 'schedule_seconds_total', 'output_seconds_total'])
+ms = lambda s: 1e3 * s / max(steps, 1)
 print(f"concurrency {sys.argv[2]}: {r['completed']}/{r['num_prompts']} done, {r['output_token_throughput']:.1f} output tok/s, "
       f"TTFT p50 {r['ttft_ms']['p50']:.1f} ms, ITL p50 {r['itl_ms']['p50']:.2f} ms p99 {r['itl_ms']['p99']:.2f} ms; "
-      f"{steps:.0f} engine steps, {1e3 * step_s / max(steps, 1):.2f} ms each, of which forward {1e3 * fwd_s / max(steps, 1):.2f} ms")
+      f"{steps:.0f} engine steps, {ms(step_s):.2f} ms each, of which forward {ms(fwd_s):.2f} ms, "
+      f"scheduling {ms(sched_s):.2f} ms, outputs {ms(outp_s):.2f} ms")
 PY
   done
 }
