@@ -44,6 +44,8 @@ const SERVER_COUNTERS: &[&str] = &[
     "tern_engine_steps_total",
     "tern_engine_step_seconds_total",
     "tern_engine_forward_seconds_total",
+    "tern_engine_schedule_seconds_total",
+    "tern_engine_output_seconds_total",
 ];
 
 /// Distinct error messages kept for the report.

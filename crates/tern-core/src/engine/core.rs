@@ -335,7 +335,9 @@ impl Engine {
 
     fn step_inner(&mut self) {
         self.propose();
+        let schedule_started = std::time::Instant::now();
         let scheduled = self.sched.schedule(&mut self.blocks, &self.metrics);
+        self.metrics.schedule_micros.fetch_add(schedule_started.elapsed().as_micros() as u64, Relaxed);
         self.update_gauges();
         if scheduled.is_empty() {
             return;
@@ -398,6 +400,7 @@ impl Engine {
             }
             return;
         }
+        let output_started = std::time::Instant::now();
         let vocab = self.runner.config().vocab_size;
         // Taken out while sequences read the logits (put back for the next step's reuse).
         let out_rows = std::mem::take(&mut self.out.rows);
@@ -442,6 +445,7 @@ impl Engine {
             }
         }
         self.update_gauges();
+        self.metrics.output_micros.fetch_add(output_started.elapsed().as_micros() as u64, Relaxed);
     }
 
     /// Checks running sequence `i`'s proposal against its `n` logits rows (the last token and

@@ -62,6 +62,10 @@ pub struct Metrics {
     /// is the engine's own host work: scheduling, sampling, detokenizing, streaming).
     pub step_micros: AtomicU64,
     pub forward_micros: AtomicU64,
+    /// Of the rest: choosing the step's work (scheduler, block tables), and turning its
+    /// outputs into tokens, text and stream events.
+    pub schedule_micros: AtomicU64,
+    pub output_micros: AtomicU64,
     pub running: AtomicU64,
     pub waiting: AtomicU64,
     pub kv_blocks_used: AtomicU64,
@@ -93,6 +97,8 @@ impl Default for Metrics {
             steps: z(),
             step_micros: z(),
             forward_micros: z(),
+            schedule_micros: z(),
+            output_micros: z(),
             running: z(),
             waiting: z(),
             kv_blocks_used: z(),
@@ -174,6 +180,18 @@ impl Metrics {
             "counter",
             "Time spent in forward passes (within engine steps).",
             secs(&self.forward_micros),
+        );
+        one(
+            "engine_schedule_seconds_total",
+            "counter",
+            "Time spent choosing each step's work (within engine steps).",
+            secs(&self.schedule_micros),
+        );
+        one(
+            "engine_output_seconds_total",
+            "counter",
+            "Time spent turning forward results into tokens, text and stream events (within engine steps).",
+            secs(&self.output_micros),
         );
         one(
             "spec_decode_num_verifications_total",
