@@ -553,43 +553,32 @@ fn attention_over_paged_kv_matches_reference() {
             }
         }
         let tb2 = g.buffer_from(&tiles).unwrap();
+        let prefill = |out: Act| {
+            ops::attention_prefill(
+                &g,
+                &k,
+                &layout,
+                qkvb.ptr,
+                ld,
+                kv.ptr,
+                tb.ptr,
+                stride,
+                tb2.ptr,
+                tiles.len() / 4,
+                window,
+                out,
+            )
+            .unwrap()
+        };
         let out_all = g.buffer_from(&vec![f32::NAN; n_all * qd]).unwrap();
-        ops::attention_prefill(
-            &g,
-            &k,
-            &layout,
-            qkvb.ptr,
-            ld,
-            kv.ptr,
-            tb.ptr,
-            stride,
-            tb2.ptr,
-            tiles.len() / 4,
-            window,
-            Act::F32 { x: out_all.ptr, ld: qd },
-        )
-        .unwrap();
+        prefill(Act::F32 { x: out_all.ptr, ld: qd });
         let got = download_f32(&g, &out_all, n_all * qd);
         let want: Vec<f64> = (0..n_all).flat_map(reference).collect();
         let e = rel_err(&got, &want);
         assert!(e < 1e-2, "prefill attention heads {nh}/{nkv} hd {hd} window {window}: error {e:.2e}");
         // bf16 output: the f32 output, rounded.
         let out16 = DevBuf::alloc(2 * n_all * qd).unwrap();
-        let prefill16 = ops::attention_prefill(
-            &g,
-            &k,
-            &layout,
-            qkvb.ptr,
-            ld,
-            kv.ptr,
-            tb.ptr,
-            stride,
-            tb2.ptr,
-            tiles.len() / 4,
-            window,
-            Act::Bf16(out16.ptr),
-        );
-        prefill16.unwrap();
+        prefill(Act::Bf16(out16.ptr));
         let rounded: Vec<f64> = got.iter().map(|&v| bf16::from_f32(v).to_f32() as f64).collect();
         let e = rel_err(&download_bf16(&g, &out16, n_all * qd), &rounded);
         assert!(e < 1e-5, "prefill attention bf16 output, hd {hd}: error {e:.2e}");
