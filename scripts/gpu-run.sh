@@ -6,6 +6,7 @@
 #   nopdl  Qwen2.5-7B bf16 again with programmatic dependent launch off (TERN_CUDA_PDL=0)
 #   profile  the same for Qwen2.5-7B bf16 and q4_k with TERN_CUDA_PROFILE=1 (GPU time per operation)
 #   serve  `tern serve` cold start and `tern bench serve` at concurrency 1, 8, 32, 128 (128 in / 256 out)
+#   servebase  concurrency 32 and 128 against device/tern-base's server (the previous version)
 #   servenomma  concurrency 32 and 128 again with the tensor-core decode attention off (TERN_CUDA_ATTN_MMA=0)
 #   basecmp  batch-1 decode of Qwen2.5-7B q4_k, q8_0, q4_k (or $BASECMP_DTYPES), alternating
 #          device/tern-base.xz (a previous version's binary, copied there by hand) and device/tern
@@ -172,6 +173,18 @@ if has serve; then
   wait $server
   echo "server exit $?" | tee -a "$out/serve.txt"
   grep -E "^\| |time by|stopped" /tmp/serve.log | grep -v "^|---" | tee -a "$out/serve.txt"
+fi
+
+if has servebase && [ -x device/tern-base ]; then
+  echo "== serve, the previous version (device/tern-base)" | tee -a "$out/serve.txt"
+  port=8126
+  TERN_CUDA_PROFILE=steps device/tern-base serve --device cuda -m "dummy:$qwen" --dummy-dtype bf16 \
+    --tokenizer device/qwen-tokenizer --port $port --max-num-seqs 128 --max-num-batched-tokens 4096 >/tmp/serve-base.log 2>&1 &
+  server=$!
+  for _ in $(seq 1 1200); do grep -q "listening on" /tmp/serve-base.log && break; sleep 0.05; done
+  serve_at $port 32 128
+  kill -INT $server
+  wait $server
 fi
 
 if has servenomma; then

@@ -16,6 +16,11 @@ impl StopChecker {
         }
     }
 
+    /// No stop strings: streamed text never ends the output.
+    pub fn is_empty(&self) -> bool {
+        self.stops.is_empty()
+    }
+
     pub fn matched(&self) -> bool {
         self.matched
     }

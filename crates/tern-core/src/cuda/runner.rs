@@ -17,7 +17,7 @@ use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::decoder::{LogitsFor, SeqChunk};
 use crate::model::kv_cache::KvDtype;
 use crate::model::Weights;
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 
 /// Steps of at most this many tokens take the matrix-vector kernels; more take cuBLAS. Each
@@ -111,6 +111,18 @@ pub struct CudaRunner {
     host_meta: Vec<i32>,
     ids: Vec<i32>,
     profiler: Option<Profiler>,
+    /// The launched pass that `collect` has not waited for yet.
+    launched: Option<Launched>,
+}
+
+/// What `collect` needs of a launched pass.
+struct Launched {
+    /// Argmax rows the pass writes (a graph's whole bucket).
+    rows: usize,
+    /// Per logits row: whether its argmax suffices.
+    greedy: Vec<bool>,
+    decode: bool,
+    started: std::time::Instant,
 }
 
 impl CudaRunner {
@@ -203,6 +215,7 @@ impl CudaRunner {
             host_meta: vec![0; meta_len],
             ids: vec![0; cap_rows],
             profiler: Profiler::from_env(),
+            launched: None,
         })
     }
 
@@ -407,7 +420,8 @@ impl Runner for CudaRunner {
         self.model.bytes_per_token()
     }
 
-    fn forward(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], greedy: &[bool], out: &mut StepOutput) -> Result<()> {
+    fn launch(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], greedy: &[bool], _out: &mut StepOutput) -> Result<()> {
+        ensure!(self.launched.is_none(), "a forward pass was launched before the previous one was collected");
         let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
         let m = chunks.iter().filter(|ch| ch.logits.is_some()).count();
         if n == 0 || n > self.cap_tokens || m > self.cap_rows || chunks.len() > self.cap_tokens {
@@ -505,6 +519,15 @@ impl Runner for CudaRunner {
         } else {
             self.step("GPU: prefill or mixed step", || self.enqueue(n, m, plan))?;
         }
+        let greedy = (0..m).map(|j| greedy.get(j).copied().unwrap_or(false)).collect();
+        self.launched = Some(Launched { rows, greedy, decode, started });
+        Ok(())
+    }
+
+    fn collect(&mut self, out: &mut StepOutput) -> Result<()> {
+        let Launched { rows, greedy, decode, started } =
+            self.launched.take().context("collect without a launched forward pass")?;
+        let vocab = self.cfg.vocab_size;
         self.gpu.download(&self.ws.argmax, 0, &mut self.ids[..rows])?;
         if let Some(p) = &self.profiler {
             p.collect();
@@ -517,8 +540,8 @@ impl Runner for CudaRunner {
         }
         out.rows.clear();
         out.logits.clear();
-        for j in 0..m {
-            if greedy.get(j).copied().unwrap_or(false) {
+        for (j, greedy) in greedy.into_iter().enumerate() {
+            if greedy {
                 out.rows.push(Row::Token(self.ids[j] as u32));
             } else {
                 let at = out.logits.len();

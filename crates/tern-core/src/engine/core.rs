@@ -340,6 +340,9 @@ impl Engine {
         self.metrics.schedule_micros.fetch_add(schedule_started.elapsed().as_micros() as u64, Relaxed);
         self.update_gauges();
         if scheduled.is_empty() {
+            for (id, message) in self.stream_unsent() {
+                self.fail(id, message);
+            }
             return;
         }
         self.metrics.steps.fetch_add(1, Relaxed);
@@ -391,12 +394,26 @@ impl Engine {
             .map(|(_, &i)| !running[i].needs_logits())
             .collect();
         let tables: Vec<&[u32]> = index.iter().map(|&i| running[i].table.as_slice()).collect();
-        let forward_started = std::time::Instant::now();
-        let result = self.runner.forward(&chunks, &tables, &greedy, &mut self.out);
-        self.metrics.forward_micros.fetch_add(forward_started.elapsed().as_micros() as u64, Relaxed);
+        let launch_started = std::time::Instant::now();
+        let launched = self.runner.launch(&chunks, &tables, &greedy, &mut self.out);
+        let launch_micros = launch_started.elapsed().as_micros() as u64;
+        // While the device runs this step, the previous step's tokens become text and events.
+        let stream_started = std::time::Instant::now();
+        let mut ended: Vec<(u64, Result<FinishReason, String>)> =
+            self.stream_unsent().into_iter().map(|(id, message)| (id, Err(message))).collect();
+        let stream_micros = stream_started.elapsed().as_micros() as u64;
+        let collect_started = std::time::Instant::now();
+        let result = launched.and_then(|()| self.runner.collect(&mut self.out));
+        let forward_micros = launch_micros + collect_started.elapsed().as_micros() as u64;
+        self.metrics.forward_micros.fetch_add(forward_micros, Relaxed);
         if let Err(e) = result {
             for s in &scheduled {
                 self.fail(s.id, format!("forward pass failed: {e:#}"));
+            }
+            for (id, outcome) in ended {
+                if let Err(message) = outcome {
+                    self.fail(id, message);
+                }
             }
             return;
         }
@@ -405,7 +422,6 @@ impl Engine {
         // Taken out while sequences read the logits (put back for the next step's reuse).
         let out_rows = std::mem::take(&mut self.out.rows);
         let mut rows = out_rows.iter();
-        let mut ended = Vec::new();
         for (((s, &i), wants), v) in scheduled.iter().zip(&index).zip(wants_logits).zip(verifying) {
             if v {
                 let outcome = self.verify(i, s.n_new, &mut rows);
@@ -445,7 +461,22 @@ impl Engine {
             }
         }
         self.update_gauges();
-        self.metrics.output_micros.fetch_add(output_started.elapsed().as_micros() as u64, Relaxed);
+        let output_micros = stream_micros + output_started.elapsed().as_micros() as u64;
+        self.metrics.output_micros.fetch_add(output_micros, Relaxed);
+    }
+
+    /// Streams every sequence's unsent tokens; returns those whose detokenizer failed.
+    fn stream_unsent(&mut self) -> Vec<(u64, String)> {
+        let tok = self.tokenizer.as_deref();
+        let mut failed = Vec::new();
+        for seq in self.sched.running.iter_mut().chain(self.sched.waiting.iter_mut()) {
+            if seq.has_unsent() {
+                if let Err(e) = seq.stream(tok) {
+                    failed.push((seq.id, format!("{e:#}")));
+                }
+            }
+        }
+        failed
     }
 
     /// Checks running sequence `i`'s proposal against its `n` logits rows (the last token and

@@ -33,10 +33,20 @@ pub(crate) trait Runner {
     fn describe(&self) -> String;
     /// Weight bytes one decode step reads (every layer matrix and the LM head).
     fn weight_bytes_per_token(&self) -> usize;
-    /// One forward pass over a packed batch: `tables[i]` is chunk i's block table (the blocks
-    /// of positions `0..pos0 + len`). For every chunk that asks for logits, in order, `out.rows`
-    /// gets its row; `greedy[j]` says whether the j-th such chunk only needs its argmax.
-    fn forward(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], greedy: &[bool], out: &mut StepOutput) -> Result<()>;
+    /// Starts one forward pass over a packed batch: `tables[i]` is chunk i's block table (the
+    /// blocks of positions `0..pos0 + len`); `greedy[j]` says whether the j-th chunk that asks
+    /// for logits only needs its argmax. A device may still be running it on return, so the
+    /// engine streams the previous step's text meanwhile; `collect` ends the pass.
+    fn launch(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], greedy: &[bool], out: &mut StepOutput) -> Result<()>;
+    /// Waits for the launched pass: for every chunk that asked for logits, in order, `out.rows`
+    /// gets its row.
+    fn collect(&mut self, out: &mut StepOutput) -> Result<()>;
+    /// `launch`, then `collect`.
+    #[cfg(all(test, feature = "cuda"))]
+    fn forward(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], greedy: &[bool], out: &mut StepOutput) -> Result<()> {
+        self.launch(chunks, tables, greedy, out)?;
+        self.collect(out)
+    }
 }
 
 /// The CPU: the decoder and a host-memory block pool (f32 or int8 K/V).
@@ -79,18 +89,17 @@ impl Runner for CpuRunner {
         self.decoder.weights.bytes_per_token()
     }
 
-    fn forward(
-        &mut self,
-        chunks: &[SeqChunk],
-        tables: &[&[u32]],
-        _greedy: &[bool],
-        out: &mut StepOutput,
-    ) -> Result<()> {
+    /// The whole pass (the cores that would overlap it are the ones computing it).
+    fn launch(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], _greedy: &[bool], out: &mut StepOutput) -> Result<()> {
         let mut view = PagedView { kv: &mut self.kv, tables: tables.to_vec() };
         self.decoder.forward_batch(chunks, &mut view, &mut out.logits)?;
         let n_rows = out.logits.len() / self.decoder.config().vocab_size;
         out.rows.clear();
         out.rows.extend((0..n_rows).map(Row::Logits));
+        Ok(())
+    }
+
+    fn collect(&mut self, _out: &mut StepOutput) -> Result<()> {
         Ok(())
     }
 }

@@ -33,6 +33,10 @@ pub(crate) struct Sequence {
     pub proposal: Proposal,
     /// The tokens a verification step runs: the uncomputed last token, then the proposal.
     pub verify_tokens: Vec<u32>,
+    /// Tokens chosen but not yet streamed (detokenized, checked against stop strings, sent).
+    /// Without stop strings streaming cannot end the sequence, so the engine streams while the
+    /// device runs the next step.
+    unsent: Vec<(u32, Option<TokenLogprob>)>,
     req: GenerateRequest,
     sampler: Sampler,
     stops: StopChecker,
@@ -59,6 +63,7 @@ impl Sequence {
             spec: None,
             proposal: Proposal::default(),
             verify_tokens: Vec::new(),
+            unsent: Vec::new(),
             stops: StopChecker::new(&req.stop),
             req,
             sampler,
@@ -212,7 +217,8 @@ impl Sequence {
         Ok((accepted, None))
     }
 
-    /// Appends the chosen next token and streams it. Returns why the sequence ends, if it does.
+    /// Appends the chosen next token and streams it now, or with the next `stream` where that
+    /// cannot change the outcome. Returns why the sequence ends, if it does.
     pub(crate) fn on_token(
         &mut self,
         token: u32,
@@ -235,20 +241,48 @@ impl Sequence {
         }
         self.tokens.push(token);
         metrics.generation_tokens.fetch_add(1, Relaxed);
-        let delta = match tok {
-            Some(t) => self.detok.push(t, token)?,
-            None => String::new(),
-        };
-        let (text, hit) = self.stops.push(&delta);
-        self.send(Event::Token { id: Some(token), text, logprob });
-        if hit {
+        self.unsent.push((token, logprob));
+        let length = self.n_output() >= self.req.max_tokens;
+        // The first token streams at once: deferring it would add a step to the TTFT.
+        if self.stops.is_empty() && !length && self.n_output() > 1 {
+            return Ok(None);
+        }
+        if self.stream(tok)? {
             return Ok(Some(FinishReason::Stop));
         }
-        Ok((self.n_output() >= self.req.max_tokens).then_some(FinishReason::Length))
+        Ok(length.then_some(FinishReason::Length))
+    }
+
+    /// Streams the unsent tokens' text; true when it hit a stop string (the rest is dropped).
+    pub(crate) fn stream(&mut self, tok: Option<&Tokenizer>) -> Result<bool> {
+        let mut unsent = std::mem::take(&mut self.unsent);
+        let mut hit = false;
+        for (token, logprob) in unsent.drain(..) {
+            let delta = match tok {
+                Some(t) => self.detok.push(t, token)?,
+                None => String::new(),
+            };
+            let text;
+            (text, hit) = self.stops.push(&delta);
+            self.send(Event::Token { id: Some(token), text, logprob });
+            if hit {
+                break;
+            }
+        }
+        unsent.clear();
+        self.unsent = unsent;
+        Ok(hit)
+    }
+
+    /// Whether tokens wait to be streamed.
+    pub(crate) fn has_unsent(&self) -> bool {
+        !self.unsent.is_empty()
     }
 
     /// Streams any held-back text and the final event.
     pub(crate) fn finish(&mut self, reason: FinishReason, tok: Option<&Tokenizer>) {
+        // (A detokenizer error here has nothing left to fail: the text so far stands.)
+        let _ = self.stream(tok);
         if reason != FinishReason::Abort && !self.stops.matched() {
             let held = match tok {
                 Some(t) => self.detok.flush(t).unwrap_or_default(),
