@@ -173,8 +173,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         let batch_suffix = if a.batch > 1 { format!(" x{}", a.batch) } else { String::new() };
         results.push(summary(format!("tg{}{batch_suffix}{depth_suffix}", a.gen_tokens), a.gen_tokens, rates));
     }
-    let decode_gb_per_s =
-        results.iter().find(|r| r.test.starts_with("tg")).map(|r| r.tok_per_s_median * weight_bytes as f64 / 1e9);
+    // One decode step reads the weights once for the whole batch (its K/V reads not counted).
+    let decode_gb_per_s = results
+        .iter()
+        .find(|r| r.test.starts_with("tg"))
+        .map(|r| r.tok_per_s_median / a.batch as f64 * weight_bytes as f64 / 1e9);
     let report = Report {
         model: a.model.model.clone(),
         arch: cfg.arch.name(),
