@@ -420,6 +420,10 @@ impl Runner for CudaRunner {
         self.model.bytes_per_token()
     }
 
+    fn host_kv(&self) -> Option<&crate::engine::paged_kv::PagedKv> {
+        None
+    }
+
     fn launch(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], greedy: &[bool], _out: &mut StepOutput) -> Result<()> {
         ensure!(self.launched.is_none(), "a forward pass was launched before the previous one was collected");
         let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();

@@ -132,9 +132,7 @@ impl Engine {
             drafter = match &spec.proposer {
                 Proposer::Ngram { .. } => None,
                 Proposer::Draft(w) => Some(Drafter::new((**w).clone(), cfg.n_threads)?),
-                Proposer::EarlyExit { layers } => {
-                    Some(Drafter::new(Drafter::truncated(target, *layers), cfg.n_threads)?)
-                }
+                Proposer::EarlyExit { layers } => Some(Drafter::early_exit(target, *layers, cfg.n_threads)?),
             };
         }
         let runner: Box<dyn Runner> = match cfg.device {
@@ -314,13 +312,15 @@ impl Engine {
                 reqs.push(DraftRequest {
                     id: *id,
                     tokens: &seq.tokens,
+                    table: &seq.table,
+                    computed: seq.num_computed,
                     k: *k,
                     capacity: *capacity,
                     sampling: &seq.request().sampling,
                     out,
                 });
             }
-            let result = drafter.propose(&mut reqs);
+            let result = drafter.propose(&mut reqs, self.runner.host_kv());
             drop(reqs);
             if result.is_ok() {
                 for (id, p) in proposals {

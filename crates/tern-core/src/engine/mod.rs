@@ -8,7 +8,7 @@ mod block_manager;
 mod core;
 mod handle;
 pub mod metrics;
-mod paged_kv;
+pub(crate) mod paged_kv;
 pub(crate) mod runner;
 mod scheduler;
 mod sequence;

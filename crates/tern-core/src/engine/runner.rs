@@ -33,6 +33,8 @@ pub(crate) trait Runner {
     fn describe(&self) -> String;
     /// Weight bytes one decode step reads (every layer matrix and the LM head).
     fn weight_bytes_per_token(&self) -> usize;
+    /// The K/V pool where it is in host memory (an early-exit drafter reads it).
+    fn host_kv(&self) -> Option<&PagedKv>;
     /// Starts one forward pass over a packed batch: `tables[i]` is chunk i's block table (the
     /// blocks of positions `0..pos0 + len`); `greedy[j]` says whether the j-th chunk that asks
     /// for logits only needs its argmax. A device may still be running it on return, so the
@@ -87,6 +89,10 @@ impl Runner for CpuRunner {
 
     fn weight_bytes_per_token(&self) -> usize {
         self.decoder.weights.bytes_per_token()
+    }
+
+    fn host_kv(&self) -> Option<&PagedKv> {
+        Some(&self.kv)
     }
 
     /// The whole pass (the cores that would overlap it are the ones computing it).

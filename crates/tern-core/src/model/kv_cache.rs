@@ -134,6 +134,27 @@ impl KvRowBuf {
         KvRows { data, n_kv: self.n_kv, head_dim: self.head_dim }
     }
 
+    /// Copies `n` rows of `src` (same type and shape), from `src_first`, to rows `first..`:
+    /// the stored bits, not a re-encoding.
+    pub fn copy_rows(&mut self, first: usize, src: &KvRowBuf, src_first: usize, n: usize) {
+        assert!(self.n_kv == src.n_kv && self.head_dim == src.head_dim, "KV rows of different shapes");
+        let kvd = self.n_kv * self.head_dim;
+        let (to, from) = (first * kvd..(first + n) * kvd, src_first * kvd..(src_first + n) * kvd);
+        match (&mut self.elems, &src.elems) {
+            (Elems::F32(a), Elems::F32(b)) => a[to].copy_from_slice(&b[from]),
+            (Elems::F16(a), Elems::F16(b)) => a[to].copy_from_slice(&b[from]),
+            (Elems::Bf16(a), Elems::Bf16(b)) => a[to].copy_from_slice(&b[from]),
+            (Elems::Int8(a), Elems::Int8(b)) => a[to].copy_from_slice(&b[from]),
+            (Elems::Fp8(a), Elems::Fp8(b)) => a[to].copy_from_slice(&b[from]),
+            _ => panic!("KV rows of different types"),
+        }
+        if !self.scales.is_empty() {
+            let nk = self.n_kv;
+            self.scales[first * nk..(first + n) * nk]
+                .copy_from_slice(&src.scales[src_first * nk..(src_first + n) * nk]);
+        }
+    }
+
     pub fn write(&mut self, row: usize, x: &[f32]) {
         let (hd, n_kv) = (self.head_dim, self.n_kv);
         let at = row * n_kv * hd..(row + 1) * n_kv * hd;

@@ -6,10 +6,12 @@
 //!
 //! Proposers: `ngram` (prompt lookup, no model), `draft` (a smaller model with the same
 //! tokenizer, its own KV cache) and `early-exit` (the target's own first layers, final norm and
-//! LM head: self-speculation), the last two through `Drafter`.
+//! LM head: self-speculation, reading those layers' K/V from the target's cache), the last two
+//! through `Drafter`.
 
 pub(crate) mod drafter;
 pub mod ngram;
+mod shared_kv;
 pub mod verify;
 
 use crate::model::weights::ModelWeights;
