@@ -45,13 +45,18 @@ fn run(engine: &EngineHandle, reqs: &[GenerateRequest]) -> Vec<Vec<u32>> {
 /// Greedy outputs with `proposer` equal the oracle's, with one request not speculating.
 /// Returns (proposed, accepted, preemptions).
 fn check_greedy(m: &LoadedModel, want: &[Vec<u32>], proposer: Proposer, kv_bytes: u64) -> (u64, u64, u64) {
-    let name = proposer.name();
-    let engine = EngineHandle::start(
-        m.weights.clone(),
-        m.tokenizer.clone(),
-        config(kv_bytes, SpeculativeConfig { proposer, num_tokens: 5, adaptive: true }),
+    check_greedy_with(
+        m,
+        want,
+        SpeculativeConfig { proposer, num_tokens: 5, adaptive: true, draft_vocab: None },
+        kv_bytes,
     )
-    .expect("engine starts");
+}
+
+fn check_greedy_with(m: &LoadedModel, want: &[Vec<u32>], spec: SpeculativeConfig, kv_bytes: u64) -> (u64, u64, u64) {
+    let name = spec.proposer.name();
+    let engine =
+        EngineHandle::start(m.weights.clone(), m.tokenizer.clone(), config(kv_bytes, spec)).expect("engine starts");
     let mut reqs = greedy_requests(m, PROMPTS, want[0].len());
     reqs[2].num_speculative_tokens = Some(0);
     let got = run(&engine, &reqs);
@@ -78,6 +83,15 @@ fn every_proposer_keeps_greedy_output() {
         let layers = m.weights.config.n_layers / 2;
         let (proposed, _, _) = check_greedy(&m, &want, Proposer::EarlyExit { layers }, 256 << 20);
         assert!(proposed > 0, "{key}: early exit proposed nothing");
+        // A head of the first 4,096 tokens: proposals change, the output does not.
+        let small_head = SpeculativeConfig {
+            proposer: Proposer::EarlyExit { layers },
+            num_tokens: 5,
+            adaptive: true,
+            draft_vocab: Some(4096),
+        };
+        let (proposed, _, _) = check_greedy_with(&m, &want, small_head, 256 << 20);
+        assert!(proposed > 0, "{key}: early exit with a small head proposed nothing");
         if key == "qwen2.5-1.5b" {
             let draft = load("qwen2.5-0.5b").weights;
             let (_, accepted, _) = check_greedy(&m, &want, Proposer::Draft(Box::new(draft)), 256 << 20);
@@ -171,8 +185,19 @@ fn sampled_tokens_keep_the_target_distribution() {
         (counts, engine.metrics().spec_verifications.load(Relaxed))
     };
     let (plain, _) = sample(None, 0);
-    let early = SpeculativeConfig { proposer: Proposer::EarlyExit { layers: 10 }, num_tokens: 2, adaptive: false };
-    let lookup = SpeculativeConfig { proposer: Proposer::Ngram { min_n: 1, max_n: 3 }, num_tokens: 2, adaptive: false };
+    // The early-exit head keeps the first 2,000 tokens: q has a smaller support than p.
+    let early = SpeculativeConfig {
+        proposer: Proposer::EarlyExit { layers: 10 },
+        num_tokens: 2,
+        adaptive: false,
+        draft_vocab: Some(2000),
+    };
+    let lookup = SpeculativeConfig {
+        proposer: Proposer::Ngram { min_n: 1, max_n: 3 },
+        num_tokens: 2,
+        adaptive: false,
+        draft_vocab: None,
+    };
     for (run, (name, spec)) in [("early-exit", early), ("ngram", lookup)].into_iter().enumerate() {
         let (got, verifications) = sample(Some(spec), 1_000_000 * (run as u64 + 1));
         eprintln!("{name}: {verifications} verification passes over {n} requests");

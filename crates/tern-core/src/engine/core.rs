@@ -131,8 +131,10 @@ impl Engine {
             spec.check(target)?;
             drafter = match &spec.proposer {
                 Proposer::Ngram { .. } => None,
-                Proposer::Draft(w) => Some(Drafter::new((**w).clone(), cfg.n_threads)?),
-                Proposer::EarlyExit { layers } => Some(Drafter::early_exit(target, *layers, cfg.n_threads)?),
+                Proposer::Draft(w) => Some(Drafter::new((**w).clone(), spec.draft_vocab, cfg.n_threads)?),
+                Proposer::EarlyExit { layers } => {
+                    Some(Drafter::early_exit(target, *layers, spec.draft_vocab, cfg.n_threads)?)
+                }
             };
         }
         let runner: Box<dyn Runner> = match cfg.device {

@@ -254,7 +254,8 @@ impl Decoder {
             }
             first += len;
         }
-        logits.resize(n_out * c.vocab_size, 0.0);
+        // (A drafter's head may keep only the first tokens of the vocabulary.)
+        logits.resize(n_out * self.weights.lm_head().rows, 0.0);
         if n_out > 0 {
             matmuls(&self.pool, &mut ws.acts, &ws.h[..n_out * d], n_out, &mut [(self.weights.lm_head(), logits)])?;
         }

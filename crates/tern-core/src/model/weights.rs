@@ -107,6 +107,26 @@ impl Matrix {
         self.bytes.as_slice()
     }
 
+    /// The first `n` rows (a window of the same map where the bytes are mapped; unpacked).
+    pub fn first_rows(&self, n: usize) -> Result<Matrix> {
+        if n == 0 || n > self.rows {
+            bail!("cannot keep {n} of a matrix's {} rows", self.rows);
+        }
+        let len = self.dtype.row_bytes(self.cols)? * n;
+        let bytes = match &self.bytes {
+            Bytes::Mapped { map, offset, .. } => Bytes::Mapped { map: map.clone(), offset: *offset, len },
+            Bytes::Owned(v) => Bytes::Owned(Arc::new(v[..len].to_vec())),
+        };
+        let mut m = Matrix::new(self.dtype, n, self.cols, bytes)?;
+        m.row_scale =
+            self.row_scale.as_ref().map(|s| Arc::new(if s.len() == 1 { s.to_vec() } else { s[..n].to_vec() }));
+        m.outliers = self
+            .outliers
+            .as_ref()
+            .map(|o| Arc::new(Outliers { cols: o.cols.clone(), w: o.w[..n * o.cols.len()].to_vec() }));
+        Ok(m)
+    }
+
     /// Adds the packed copy when this CPU has kernels for it (once). A mapped matrix's pages
     /// are then handed back to the kernel: products read only the packed copy, so keeping both
     /// resident would double the memory (rows read later, e.g. embedding lookups of a tied

@@ -56,8 +56,12 @@ pub(crate) struct DraftRequest<'a> {
 }
 
 impl Drafter {
-    /// A drafter on a draft model's weights, with caches of its own.
-    pub(crate) fn new(weights: ModelWeights, n_threads: usize) -> Result<Self> {
+    /// A drafter on a draft model's weights, with caches of its own; its LM head keeps the
+    /// first `head_rows` tokens where given.
+    pub(crate) fn new(mut weights: ModelWeights, head_rows: Option<usize>, n_threads: usize) -> Result<Self> {
+        if let Some(n) = head_rows.filter(|&n| n < weights.lm_head().rows) {
+            weights.lm_head = Some(weights.lm_head().first_rows(n)?);
+        }
         Ok(Drafter {
             decoder: Decoder::new(weights, n_threads)?,
             reads_target_kv: false,
@@ -68,11 +72,16 @@ impl Drafter {
 
     /// The target's first `layers` layers with its final norm and LM head (shared weights),
     /// reading their K/V from the target's pool.
-    pub(crate) fn early_exit(target: &ModelWeights, layers: usize, n_threads: usize) -> Result<Self> {
+    pub(crate) fn early_exit(
+        target: &ModelWeights,
+        layers: usize,
+        head_rows: Option<usize>,
+        n_threads: usize,
+    ) -> Result<Self> {
         let mut w = target.clone();
         w.layers.truncate(layers);
         w.config.n_layers = layers;
-        Ok(Drafter { reads_target_kv: true, ..Drafter::new(w, n_threads)? })
+        Ok(Drafter { reads_target_kv: true, ..Drafter::new(w, head_rows, n_threads)? })
     }
 
     /// Forgets a sequence (finished, cancelled or preempted).
@@ -84,6 +93,8 @@ impl Drafter {
     /// target's K/V pool (needed for early exit).
     pub(crate) fn propose(&mut self, reqs: &mut [DraftRequest], pool: Option<&PagedKv>) -> Result<()> {
         let c = self.decoder.config().clone();
+        // Logits per row: the head's tokens.
+        let vocab = self.decoder.weights.lm_head().rows;
         let pool = match (self.reads_target_kv, pool) {
             (true, None) => {
                 bail!("early-exit drafting reads the target's K/V cache, which this device keeps off the host")
@@ -121,7 +132,7 @@ impl Drafter {
                     seed: Some(r.sampling.seed.unwrap_or(0) ^ 0x5eed_d4af7),
                     ..r.sampling.clone()
                 };
-                let sampler = Sampler::new(params, &[], c.vocab_size)?;
+                let sampler = Sampler::new(params, &[], vocab)?;
                 e.insert(DraftSeq { kv, sampler });
             }
             let s = self.seqs.get_mut(&r.id).expect("inserted");
@@ -188,7 +199,7 @@ impl Drafter {
                 if let DraftKv::Own { computed, .. } = &mut s.kv {
                     *computed = next[i];
                 }
-                let row = &mut self.logits[j * c.vocab_size..(j + 1) * c.vocab_size];
+                let row = &mut self.logits[j * vocab..(j + 1) * vocab];
                 let token = if r.sampling.is_greedy() {
                     r.out.q.push(None);
                     crate::sampling::argmax(row)
@@ -263,8 +274,8 @@ mod tests {
         let mut own_weights = target.clone();
         own_weights.layers.truncate(layers);
         own_weights.config.n_layers = layers;
-        let mut shared = Drafter::early_exit(&target, layers, 1).unwrap();
-        let mut own = Drafter::new(own_weights, 1).unwrap();
+        let mut shared = Drafter::early_exit(&target, layers, None, 1).unwrap();
+        let mut own = Drafter::new(own_weights, None, 1).unwrap();
         let mut decoder = Decoder::new(target, 1).unwrap();
         let mut pool = PagedKv::new(&cfg, 16, 8, KvDtype::F32).unwrap();
         let table: Vec<u32> = (0..8).rev().collect();

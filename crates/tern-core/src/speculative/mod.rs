@@ -58,6 +58,12 @@ pub struct SpeculativeConfig {
     /// Vary each sequence's number of proposed tokens with its acceptance (up after a fully
     /// accepted proposal, down after a rejection).
     pub adaptive: bool,
+    /// A drafter's LM head keeps only the first this many tokens of the vocabulary (None, or
+    /// the vocabulary's size or more: all).
+    /// Byte-level BPE numbers tokens in merge order, roughly by frequency, so the first ones are
+    /// most of what text uses; the output stays exact (the target supplies any other token,
+    /// end-of-text among them), only acceptance can drop.
+    pub draft_vocab: Option<usize>,
 }
 
 impl SpeculativeConfig {
@@ -89,6 +95,14 @@ impl SpeculativeConfig {
                         target.config.n_layers
                     );
                 }
+            }
+        }
+        if let Some(n) = self.draft_vocab {
+            if matches!(self.proposer, Proposer::Ngram { .. }) {
+                bail!("--draft-vocab needs a drafting model (--speculative draft or early-exit)");
+            }
+            if n == 0 {
+                bail!("--draft-vocab must be at least 1");
             }
         }
         Ok(())
