@@ -280,10 +280,8 @@ impl EngineArgs {
             }
         };
         let draft_vocab = match kind {
-            SpeculativeArg::Ngram if self.draft_vocab.is_some() => {
-                bail!("--draft-vocab applies to --speculative draft / early-exit only")
-            }
-            SpeculativeArg::Ngram => None,
+            // (SpeculativeConfig::check refuses it with lookup.)
+            SpeculativeArg::Ngram => self.draft_vocab,
             // Measured on qwen2.5-1.5b with the 0.5B draft: a quarter less proposing time.
             _ => Some(self.draft_vocab.unwrap_or(32768)).filter(|&n| n > 0),
         };
