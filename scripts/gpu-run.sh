@@ -11,6 +11,9 @@
 #   basecmp  batch-1 decode of Qwen2.5-7B q4_k, q8_0, q4_k (or $BASECMP_DTYPES), alternating
 #          device/tern-base.xz (a previous version's binary, copied there by hand) and device/tern
 #   ncu    Nsight Compute on a few Q4_K matrix-vector kernels (speed of light, memory, warp stalls)
+#   spec   `tern bench spec`, n-gram lookup (k <= 3 and 7) against plain decoding, batch 1, greedy:
+#          Qwen2.5-7B bf16 random weights (acceptance is whatever the random model repeats), and the
+#          real model file $SPEC_MODEL first where it is set
 #   hf     the transformers baseline (../shared/bench/hf_baseline.py) in the same run
 #   hfstatic  the same with a static cache and torch.compile, batch 128 then 1
 #   serveprofile  concurrency 128 against a server with TERN_CUDA_PROFILE=ops (time per kernel)
@@ -197,6 +200,22 @@ if has servenomma; then
   serve_at $port 32 128
   kill -INT $server
   wait $server
+fi
+
+if has spec; then
+  echo "== speculative decoding: n-gram lookup against plain decoding, batch 1, greedy"
+  for m in ${SPEC_MODEL:-} "dummy:$qwen"; do
+    extra=()
+    [[ $m == dummy:* ]] && extra=(--dummy-dtype bf16 --tokenizer device/qwen-tokenizer)
+    for k in 3 7; do
+      timeout 150 device/tern bench spec --device cuda -m "$m" "${extra[@]}" --kv-cache-memory 8GiB \
+        --prompts data/spec-grounded.jsonl --chat --max-tokens 192 --speculative ngram --num-speculative-tokens $k \
+        >"$out/one.txt" 2>&1
+      echo "-- $(basename "$m") k <= $k (exit $?)" | tee -a "$out/spec.txt"
+      cat "$out/one.txt" >>"$out/spec.txt"
+      grep -E "^\| [a-z]|end to end|accepted|rror" "$out/one.txt" | grep -v "^| prompt"
+    done
+  done
 fi
 
 if has hf; then

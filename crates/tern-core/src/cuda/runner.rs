@@ -4,7 +4,8 @@
 //! Few tokens (decode) take the matrix-vector kernels (f32 activations), which fuse the
 //! residual adds into the o and down products.
 //! More tokens take cuBLAS bf16 GEMMs (quantized weights dequantized into a scratch buffer
-//! first). Pure decode steps are captured once per batch-size bucket as CUDA graphs and
+//! first). Decode steps (every token asks for logits: plain decode, and the verification of a
+//! few proposed tokens per sequence) are captured once per batch-size bucket as CUDA graphs and
 //! replayed: the batch is padded to the bucket with tokens whose position is -1, which write
 //! no KV and attend to nothing.
 
@@ -139,9 +140,11 @@ impl CudaRunner {
         let c = model.config.clone();
         ensure!(c.head_dim % 8 == 0 && c.hidden % 8 == 0, "the CUDA kernels need dimensions in multiples of 8");
         let (qd, kvd, f) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_hidden);
-        // Logit rows: one per sequence, rounded up to a graph bucket; tokens: a step's budget,
-        // and at least one padded decode bucket.
-        let cap_rows = cfg.max_num_seqs.max(1).next_power_of_two();
+        // Logit rows: one per sequence (and one per proposed token where speculation verifies
+        // them), rounded up to a graph bucket; tokens: a step's budget, and at least one padded
+        // decode bucket.
+        let rows_per_seq = 1 + cfg.speculative.as_ref().map_or(0, |s| s.num_tokens);
+        let cap_rows = (cfg.max_num_seqs.max(1) * rows_per_seq).next_power_of_two();
         let cap_tokens = cfg.max_num_batched_tokens.max(cap_rows);
         let max_blocks = c.max_context.div_ceil(cfg.block_size);
         let meta_layout = MetaLayout {
@@ -427,20 +430,29 @@ impl Runner for CudaRunner {
     fn launch(&mut self, chunks: &[SeqChunk], tables: &[&[u32]], greedy: &[bool], _out: &mut StepOutput) -> Result<()> {
         ensure!(self.launched.is_none(), "a forward pass was launched before the previous one was collected");
         let n: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
-        let m = chunks.iter().filter(|ch| ch.logits.is_some()).count();
+        let rows_of = |ch: &SeqChunk| match ch.logits {
+            None => 0,
+            Some(LogitsFor::Last) => 1,
+            Some(LogitsFor::All) => ch.tokens.len(),
+        };
+        let m: usize = chunks.iter().map(rows_of).sum();
         if n == 0 || n > self.cap_tokens || m > self.cap_rows || chunks.len() > self.cap_tokens {
-            bail!("a step of {n} tokens ({m} logit rows) does not fit the GPU buffers ({} tokens)", self.cap_tokens);
-        }
-        if chunks.iter().any(|ch| ch.logits == Some(LogitsFor::All)) {
-            bail!("the CUDA runner computes logits of the last token of a chunk only");
+            bail!(
+                "a step of {n} tokens ({m} logit rows) does not fit the GPU buffers ({} tokens, {} rows)",
+                self.cap_tokens,
+                self.cap_rows
+            );
         }
         let vocab = self.cfg.vocab_size;
         if let Some(&bad) = chunks.iter().flat_map(|ch| ch.tokens).find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is out of range for a vocabulary of {vocab}");
         }
-        // Pure decode steps replay a graph of the batch's bucket.
+        // Steps where every token gets a logits row and takes the decode attention (plain
+        // decode, and verifications of a few proposed tokens) replay a graph of the batch's
+        // bucket: row r is token r.
         let started = std::time::Instant::now();
-        let decode = chunks.iter().all(|ch| ch.tokens.len() == 1 && ch.logits.is_some())
+        let decode = m == n
+            && chunks.iter().all(|ch| ch.tokens.len() <= PREFILL_MIN_TOKENS)
             && n <= MAX_GRAPH_BATCH
             && !self.profiler.as_ref().is_some_and(|p| p.per_op);
         let batch = if decode { n.next_power_of_two().min(self.cap_rows) } else { n };
@@ -451,6 +463,8 @@ impl Runner for CudaRunner {
         let meta = &mut self.host_meta;
         let mut t = 0;
         let mut r = 0;
+        // Per logits row: whether its argmax suffices (`greedy` is per chunk that asks).
+        let (mut row_greedy, mut asking) = (Vec::with_capacity(m), 0);
         let (mut n_decode, mut n_tiles) = (0, 0);
         let mut max_len = 1;
         let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
@@ -481,9 +495,15 @@ impl Runner for CudaRunner {
                 }
                 t += 1;
             }
-            if ch.logits.is_some() {
-                meta[ml.rows + r] = (t - 1) as i32;
-                r += 1;
+            if let Some(which) = ch.logits {
+                let first = if which == LogitsFor::All { t - ch.tokens.len() } else { t - 1 };
+                let flag = greedy.get(asking).copied().unwrap_or(false);
+                asking += 1;
+                for row in first..t {
+                    meta[ml.rows + r] = row as i32;
+                    r += 1;
+                    row_greedy.push(flag);
+                }
             }
             let row = &mut meta[ml.tables + ci * table_stride..ml.tables + (ci + 1) * table_stride];
             row[..table.len()].iter_mut().zip(table.iter()).for_each(|(d, &b)| *d = b as i32);
@@ -523,8 +543,7 @@ impl Runner for CudaRunner {
         } else {
             self.step("GPU: prefill or mixed step", || self.enqueue(n, m, plan))?;
         }
-        let greedy = (0..m).map(|j| greedy.get(j).copied().unwrap_or(false)).collect();
-        self.launched = Some(Launched { rows, greedy, decode, started });
+        self.launched = Some(Launched { rows, greedy: row_greedy, decode, started });
         Ok(())
     }
 

@@ -6,13 +6,17 @@ use super::device::{DevBuf, Gpu};
 use super::ops::{self, Act, AttnSplit, GemmOut, GpuMatrix, Kernels, KvLayout};
 use super::runner::CudaRunner;
 use crate::engine::runner::{CpuRunner, Row, Runner, StepOutput};
-use crate::engine::{Device, EngineConfig};
+use crate::engine::{Device, EngineConfig, EngineHandle, Event, RequestStream};
+use crate::generation::GenerateRequest;
 use crate::kernels::{dequantize_row, DType};
 use crate::model::config::ModelConfig;
 use crate::model::decoder::{LogitsFor, SeqChunk};
 use crate::model::weights::{Bytes, Matrix, ModelWeights};
 use crate::rng::Rng;
+use crate::sampling::SamplingParams;
+use crate::speculative::{Proposer, SpeculativeConfig};
 use half::{bf16, f16};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 fn gpu() -> Option<(Gpu, Kernels)> {
@@ -613,15 +617,27 @@ fn engine_config(device: Device) -> EngineConfig {
         max_num_batched_tokens: 256,
         n_threads: 2,
         device,
+        // Room for the verification rows of `compare_runners`.
+        speculative: Some(SpeculativeConfig {
+            proposer: Proposer::Ngram { min_n: 1, max_n: 3 },
+            num_tokens: VERIFY_EVERY,
+            adaptive: false,
+            draft_vocab: None,
+        }),
         ..EngineConfig::default()
     }
 }
+
+/// Every this many steps of `compare_runners`, each sequence runs a verification chunk.
+const VERIFY_EVERY: usize = 4;
 
 /// Teacher-forced comparison: both runners see the same tokens (the CPU's greedy choices);
 /// logits must agree within `tol.0` (prefill step) and `tol.1` (decode steps), relative to the
 /// largest logit, and the GPU's greedy token must equal the CPU's wherever the CPU's top-2 gap
 /// exceeds twice that step's error. Four sequences run together (prefill chunks in one step,
-/// then batched decode, replayed from a CUDA graph on the GPU).
+/// then batched decode, replayed from a CUDA graph on the GPU); every `VERIFY_EVERY`-th step
+/// is a speculative verification: sequence s runs its last token and s + 1 proposed (random)
+/// tokens with logits at every position, all of which it then keeps.
 fn compare_runners(name: &str, weights: ModelWeights, tol: (f32, f32), failures: &mut Vec<String>) {
     let cfg = engine_config(Device::Cpu);
     let vocab = weights.config.vocab_size;
@@ -639,21 +655,25 @@ fn compare_runners(name: &str, weights: ModelWeights, tol: (f32, f32), failures:
         (0..n_seq).map(|s| (0..20 + 7 * s).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()).collect();
     let steps: usize = 33;
     let bs = cfg.block_size;
-    let blocks_per = (60 + steps).div_ceil(bs);
+    let blocks_per = (60 + steps + (steps / VERIFY_EVERY) * n_seq).div_ceil(bs);
     let tables: Vec<Vec<u32>> =
         (0..n_seq).map(|s| (0..blocks_per).map(|b| (s * blocks_per + b) as u32).collect()).collect();
     let mut seqs = prompts.clone();
     let mut computed = vec![0usize; n_seq];
     let (mut worst, mut agreed, mut compared) = ([0f32; 2], 0usize, 0usize);
     for step in 0..steps {
+        let verifying = step > 0 && step % VERIFY_EVERY == 0;
+        if verifying {
+            for (s, seq) in seqs.iter_mut().enumerate() {
+                seq.extend((0..=s).map(|_| (rng.next_u64() % vocab as u64) as u32));
+            }
+        }
+        let which = if verifying { LogitsFor::All } else { LogitsFor::Last };
         let chunks: Vec<SeqChunk> = (0..n_seq)
-            .map(|s| SeqChunk {
-                seq: s,
-                tokens: &seqs[s][computed[s]..],
-                pos0: computed[s],
-                logits: Some(LogitsFor::Last),
-            })
+            .map(|s| SeqChunk { seq: s, tokens: &seqs[s][computed[s]..], pos0: computed[s], logits: Some(which) })
             .collect();
+        let n_rows: Vec<usize> = chunks.iter().map(|c| if verifying { c.tokens.len() } else { 1 }).collect();
+        let total_rows: usize = n_rows.iter().sum();
         let table_refs: Vec<&[u32]> = tables.iter().map(|t| t.as_slice()).collect();
         let mut out_c = StepOutput::default();
         cpu.forward(&chunks, &table_refs, &[false; 4], &mut out_c).unwrap();
@@ -662,35 +682,46 @@ fn compare_runners(name: &str, weights: ModelWeights, tol: (f32, f32), failures:
         let mut out_greedy = StepOutput::default();
         // The same step again on the GPU with device-side greedy picks (rewrites the same KV).
         gpu.forward(&chunks, &table_refs, &[true; 4], &mut out_greedy).unwrap();
+        for (what, out) in [("CPU", &out_c), ("GPU", &out_g), ("GPU greedy", &out_greedy)] {
+            assert_eq!(out.rows.len(), total_rows, "{name}: step {step}: {what} rows");
+        }
         let mut next = Vec::new();
-        for s in 0..n_seq {
-            let (Row::Logits(rc), Row::Logits(rg)) = (out_c.rows[s], out_g.rows[s]) else { panic!("logit rows") };
-            let lc = &out_c.logits[rc * vocab..(rc + 1) * vocab];
-            let lg = &out_g.logits[rg * vocab..(rg + 1) * vocab];
-            let scale = lc.iter().fold(0f32, |a, &v| a.max(v.abs())).max(1e-6);
-            let err = lc.iter().zip(lg).fold(0f32, |a, (&x, &y)| a.max((x - y).abs())) / scale;
-            let phase = (step > 0) as usize;
-            let tol = if phase == 0 { tol.0 } else { tol.1 };
-            if !(err.is_finite() && err < tol) {
-                failures.push(format!("{name}: step {step} seq {s}: logits differ by {err:.2e} of the largest"));
-            }
-            worst[phase] = worst[phase].max(err);
-            let top = crate::sampling::argmax(lc);
-            let mut sorted = lc.to_vec();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            let Row::Token(gt) = out_greedy.rows[s] else { panic!("greedy row") };
-            assert_eq!(
-                gt,
-                crate::sampling::argmax(lg),
-                "{name}: device argmax differs from the host's on the same logits"
-            );
-            if sorted[0] - sorted[1] > 2.0 * err * scale {
-                compared += 1;
-                agreed += (gt == top) as usize;
-                if gt != top {
-                    failures
-                        .push(format!("{name}: step {step} seq {s}: greedy token {gt} differs from the CPU's {top}"));
+        let mut r = 0;
+        for (s, &rows) in n_rows.iter().enumerate() {
+            let mut top = 0;
+            for _ in 0..rows {
+                let (Row::Logits(rc), Row::Logits(rg)) = (out_c.rows[r], out_g.rows[r]) else { panic!("logit rows") };
+                let lc = &out_c.logits[rc * vocab..(rc + 1) * vocab];
+                let lg = &out_g.logits[rg * vocab..(rg + 1) * vocab];
+                let scale = lc.iter().fold(0f32, |a, &v| a.max(v.abs())).max(1e-6);
+                let err = lc.iter().zip(lg).fold(0f32, |a, (&x, &y)| a.max((x - y).abs())) / scale;
+                let phase = (step > 0) as usize;
+                let tol = if phase == 0 { tol.0 } else { tol.1 };
+                if !(err.is_finite() && err < tol) {
+                    failures.push(format!(
+                        "{name}: step {step} seq {s} row {r}: logits differ by {err:.2e} of the largest"
+                    ));
                 }
+                worst[phase] = worst[phase].max(err);
+                top = crate::sampling::argmax(lc);
+                let mut sorted = lc.to_vec();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let Row::Token(gt) = out_greedy.rows[r] else { panic!("greedy row") };
+                assert_eq!(
+                    gt,
+                    crate::sampling::argmax(lg),
+                    "{name}: device argmax differs from the host's on the same logits"
+                );
+                if sorted[0] - sorted[1] > 2.0 * err * scale {
+                    compared += 1;
+                    agreed += (gt == top) as usize;
+                    if gt != top {
+                        failures.push(format!(
+                            "{name}: step {step} seq {s} row {r}: greedy token {gt} differs from the CPU's {top}"
+                        ));
+                    }
+                }
+                r += 1;
             }
             next.push(top);
         }
@@ -700,7 +731,7 @@ fn compare_runners(name: &str, weights: ModelWeights, tol: (f32, f32), failures:
         }
     }
     eprintln!(
-        "{name}: {steps} steps × {n_seq} sequences, logits within {:.2e} (prefill) and {:.2e} (decode) of the largest, greedy tokens equal at {agreed}/{compared} steps with a clear top-2 gap",
+        "{name}: {steps} steps × {n_seq} sequences (every {VERIFY_EVERY}th a verification), logits within {:.2e} (prefill) and {:.2e} (decode) of the largest, greedy tokens equal at {agreed}/{compared} rows with a clear top-2 gap",
         worst[0],
         worst[1]
     );
@@ -764,4 +795,57 @@ fn cuda_runner_matches_cpu_runner() {
     compare_runners("qwen2 shape, q8_0", qwen_q8, q8_tol, &mut failures);
     let shown: Vec<&String> = failures.iter().take(20).collect();
     assert!(failures.is_empty(), "{} mismatches, the first: {shown:#?}", failures.len());
+}
+
+/// A request's tokens (panics on an engine error).
+fn drain(mut s: RequestStream) -> Vec<u32> {
+    let mut ids = Vec::new();
+    loop {
+        match s.blocking_next().expect("a stream ends with Finished") {
+            Event::Token { id, .. } => ids.extend(id),
+            Event::Finished(_) => return ids,
+            Event::Error(e) => panic!("engine error: {e}"),
+        }
+    }
+}
+
+/// Speculation on the GPU: n-gram lookup proposals verified inside the engine's steps (decode
+/// graphs with a logits row per token; the device's argmax for greedy sequences, logits for a
+/// sampled one), beside a sequence that does not speculate, leave greedy output as plain
+/// decoding on the GPU gives it.
+#[test]
+fn cuda_speculation_keeps_greedy_output() {
+    if gpu().is_none() {
+        return;
+    }
+    let weights = crate::model::dummy::load(smollm2_shape(), DType::BF16, 4).unwrap();
+    let mut rng = Rng::new(5);
+    // Repeated patterns, so that lookup finds something to propose.
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|s| {
+            let pattern: Vec<u32> = (0..6 + s).map(|_| (rng.next_u64() % 49152) as u32).collect();
+            pattern.repeat(4)
+        })
+        .collect();
+    let mut reqs: Vec<GenerateRequest> =
+        prompts.iter().map(|p| GenerateRequest::new(p.clone(), 48, SamplingParams::greedy())).collect();
+    reqs[2].num_speculative_tokens = Some(0);
+    let sampled = SamplingParams { temperature: 0.8, seed: Some(1), ..SamplingParams::greedy() };
+    reqs.push(GenerateRequest::new(prompts[0].clone(), 48, sampled));
+    let run = |speculative: Option<SpeculativeConfig>| {
+        let cfg = EngineConfig { speculative, ..engine_config(Device::Cuda(0)) };
+        let engine = EngineHandle::start(weights.clone(), None, cfg).expect("engine starts");
+        let streams: Vec<RequestStream> = reqs.iter().map(|r| engine.submit(r.clone()).expect("submit")).collect();
+        let outs: Vec<Vec<u32>> = streams.into_iter().map(drain).collect();
+        let m = engine.metrics();
+        (outs, m.spec_proposed_tokens.load(Relaxed), m.spec_accepted_tokens.load(Relaxed))
+    };
+    let (plain, _, _) = run(None);
+    let (spec, proposed, accepted) = run(engine_config(Device::Cuda(0)).speculative);
+    eprintln!("speculation on the GPU: {accepted}/{proposed} proposed tokens accepted");
+    for (i, (p, s)) in plain.iter().zip(&spec).take(4).enumerate() {
+        assert_eq!(p, s, "greedy request {i} differs with speculation");
+    }
+    assert_eq!(spec[4].len(), 48, "the sampled request ran to max_tokens");
+    assert!(proposed > 0, "lookup proposed nothing on repeated prompts");
 }

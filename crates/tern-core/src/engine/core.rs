@@ -122,18 +122,19 @@ impl Engine {
         };
         let mut drafter = None;
         if let Some(spec) = &cfg.speculative {
-            if cfg.device != Device::Cpu {
-                bail!("speculative decoding runs on the CPU only for now (the CUDA runner returns last-position logits only)");
-            }
-            let Weights::Host(target) = &weights else {
-                bail!("speculative decoding needs the model's weights on the host")
-            };
-            spec.check(target)?;
-            drafter = match &spec.proposer {
-                Proposer::Ngram { .. } => None,
-                Proposer::Draft(w) => Some(Drafter::new((**w).clone(), spec.draft_vocab, cfg.n_threads)?),
-                Proposer::EarlyExit { layers } => {
+            spec.check(weights.config())?;
+            drafter = match (&spec.proposer, &weights) {
+                (Proposer::Ngram { .. }, _) => None,
+                // The drafters are CPU decoders: beside a GPU target they would set the pace.
+                (p, _) if cfg.device != Device::Cpu => {
+                    bail!("--speculative {} runs on the CPU only; on a GPU use --speculative ngram", p.name())
+                }
+                (Proposer::Draft(w), _) => Some(Drafter::new((**w).clone(), spec.draft_vocab, cfg.n_threads)?),
+                (Proposer::EarlyExit { layers }, Weights::Host(target)) => {
                     Some(Drafter::early_exit(target, *layers, spec.draft_vocab, cfg.n_threads)?)
+                }
+                (Proposer::EarlyExit { .. }, _) => {
+                    bail!("early-exit speculation needs the model's weights on the host")
                 }
             };
         }
@@ -481,24 +482,35 @@ impl Engine {
         failed
     }
 
-    /// Checks running sequence `i`'s proposal against its `n` logits rows (the last token and
-    /// each proposed token), keeps what the rule accepts, and rolls the rest back: the rejected
+    /// Checks running sequence `i`'s proposal against its `n` rows (the last token and each
+    /// proposed token: logits, or the device's argmax for a plain greedy sequence), keeps what the rule accepts, and rolls the rest back: the rejected
     /// positions' blocks go back to the pool and the drafter forgets what no longer matches.
     fn verify(&mut self, i: usize, n: usize, rows: &mut std::slice::Iter<'_, Row>) -> Result<Option<FinishReason>> {
         let vocab = self.runner.config().vocab_size;
-        let first = match rows.next() {
-            Some(&Row::Logits(r)) => r,
-            _ => bail!("the runner returned no logits rows for a verification"),
-        };
-        for j in 1..n {
-            if rows.next() != Some(&Row::Logits(first + j)) {
-                bail!("the runner returned fewer logits rows than a verification needs");
-            }
+        let taken: Vec<Row> = rows.by_ref().take(n).copied().collect();
+        if taken.len() < n {
+            bail!("the runner returned fewer rows than a verification needs");
         }
         let seq = &mut self.sched.running[i];
         let proposed = seq.proposal.tokens.clone();
-        let logits = &mut self.out.logits[first * vocab..(first + n) * vocab];
-        let (accepted, reason) = seq.on_verify(logits, vocab, self.tokenizer.as_deref(), &self.metrics)?;
+        let tok = self.tokenizer.as_deref();
+        let (accepted, reason) = match taken[0] {
+            Row::Logits(first) => {
+                if taken.iter().enumerate().any(|(j, &r)| r != Row::Logits(first + j)) {
+                    bail!("the runner's logits rows of a verification are not consecutive");
+                }
+                let logits = &mut self.out.logits[first * vocab..(first + n) * vocab];
+                seq.on_verify(logits, vocab, tok, &self.metrics)?
+            }
+            Row::Token(_) => {
+                let argmax: Vec<u32> =
+                    taken.iter().filter_map(|&r| if let Row::Token(t) = r { Some(t) } else { None }).collect();
+                if argmax.len() < n {
+                    bail!("the runner returned logits and tokens mixed in one verification");
+                }
+                seq.on_verify_greedy(&argmax, tok, &self.metrics)?
+            }
+        };
         let m = &self.metrics;
         m.spec_verifications.fetch_add(1, Relaxed);
         m.spec_proposed_tokens.fetch_add(proposed.len() as u64, Relaxed);

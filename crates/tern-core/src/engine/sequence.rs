@@ -182,35 +182,60 @@ impl Sequence {
         tok: Option<&Tokenizer>,
         metrics: &Metrics,
     ) -> Result<(usize, Option<FinishReason>)> {
-        // Taken: the proposal is used up (the next step proposes afresh).
-        let proposal = std::mem::take(&mut self.proposal);
-        let k = proposal.tokens.len();
-        debug_assert_eq!(rows.len(), (k + 1) * vocab);
-        let mut accepted = 0;
-        for (i, row) in rows.chunks_exact_mut(vocab).enumerate() {
-            let raw = self.req.logprobs.map(|n| (row.to_vec(), n));
+        debug_assert_eq!(rows.len(), (self.proposal.tokens.len() + 1) * vocab);
+        let mut rows = rows.chunks_exact_mut(vocab);
+        self.emit_verified(tok, metrics, |seq, proposal, i| {
+            let row = rows.next().expect("a row per position");
+            let raw = seq.req.logprobs.map(|n| (row.to_vec(), n));
             // Drawn before the distribution so the generator's use does not depend on outcomes.
-            let (u_accept, u_draw) = if self.sampler.params().is_greedy() {
+            let (u_accept, u_draw) = if seq.sampler.params().is_greedy() {
                 (0.0, 0.0)
             } else {
-                (self.sampler.uniform(), self.sampler.uniform())
+                (seq.sampler.uniform(), seq.sampler.uniform())
             };
-            let p = self.sampler.distribution(row);
-            let (token, keep_going) = match proposal.tokens.get(i) {
+            let p = seq.sampler.distribution(row);
+            let (token, kept) = match proposal.tokens.get(i) {
                 Some(&d) => match verify::check(p, proposal.q[i].as_deref(), d, u_accept, u_draw) {
                     None => (d, true),
                     Some(x) => (x, false),
                 },
                 None => (crate::sampling::draw(p, u_draw), false),
             };
-            let logprob = raw.map(|(raw, n)| logprobs(&raw, token, n));
-            if keep_going {
-                accepted += 1;
-            }
+            (token, kept, raw.map(|(raw, n)| logprobs(&raw, token, n)))
+        })
+    }
+
+    /// `on_verify` for a plain greedy sequence from the target's argmax at each of the k + 1
+    /// positions (picked on the device): a proposed token is kept exactly when it is the argmax.
+    pub(crate) fn on_verify_greedy(
+        &mut self,
+        argmax: &[u32],
+        tok: Option<&Tokenizer>,
+        metrics: &Metrics,
+    ) -> Result<(usize, Option<FinishReason>)> {
+        debug_assert!(!self.needs_logits() && argmax.len() == self.proposal.tokens.len() + 1);
+        self.emit_verified(tok, metrics, |_, proposal, i| (argmax[i], proposal.tokens.get(i) == Some(&argmax[i]), None))
+    }
+
+    /// Streams the tokens a verification chose: `pick(i)` gives position i's token, whether it
+    /// is the kept proposal, and its logprob; the first token that is not a kept proposal is
+    /// the last one.
+    fn emit_verified(
+        &mut self,
+        tok: Option<&Tokenizer>,
+        metrics: &Metrics,
+        mut pick: impl FnMut(&mut Self, &Proposal, usize) -> (u32, bool, Option<TokenLogprob>),
+    ) -> Result<(usize, Option<FinishReason>)> {
+        // Taken: the proposal is used up (the next step proposes afresh).
+        let proposal = std::mem::take(&mut self.proposal);
+        let mut accepted = 0;
+        for i in 0..=proposal.tokens.len() {
+            let (token, kept, logprob) = pick(self, &proposal, i);
+            accepted += kept as usize;
             if let Some(reason) = self.on_token(token, logprob, tok, metrics)? {
                 return Ok((accepted, Some(reason)));
             }
-            if !keep_going {
+            if !kept {
                 break;
             }
         }

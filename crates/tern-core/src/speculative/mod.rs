@@ -14,6 +14,7 @@ pub mod ngram;
 mod shared_kv;
 pub mod verify;
 
+use crate::model::config::ModelConfig;
 use crate::model::weights::ModelWeights;
 use anyhow::{bail, Result};
 
@@ -67,8 +68,8 @@ pub struct SpeculativeConfig {
 }
 
 impl SpeculativeConfig {
-    /// Checks the settings against the target model's weights.
-    pub fn check(&self, target: &ModelWeights) -> Result<()> {
+    /// Checks the settings against the target model's shape.
+    pub fn check(&self, target: &ModelConfig) -> Result<()> {
         if self.num_tokens == 0 || self.num_tokens > 32 {
             bail!("--num-speculative-tokens must be in 1..=32, got {}", self.num_tokens);
         }
@@ -79,20 +80,20 @@ impl SpeculativeConfig {
                 }
             }
             Proposer::Draft(d) => {
-                if d.config.vocab_size != target.config.vocab_size {
+                if d.config.vocab_size != target.vocab_size {
                     bail!(
                         "the draft model's vocabulary ({} tokens) differs from the target's ({}): it needs the same tokenizer",
                         d.config.vocab_size,
-                        target.config.vocab_size
+                        target.vocab_size
                     );
                 }
             }
             Proposer::EarlyExit { layers } => {
-                if *layers == 0 || *layers >= target.config.n_layers {
+                if *layers == 0 || *layers >= target.n_layers {
                     bail!(
                         "--early-exit-layers must be in 1..{} (the model has {} layers), got {layers}",
-                        target.config.n_layers,
-                        target.config.n_layers
+                        target.n_layers,
+                        target.n_layers
                     );
                 }
             }
