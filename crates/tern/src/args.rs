@@ -205,7 +205,7 @@ pub struct EngineArgs {
     #[arg(long)]
     pub kv_cache_dtype: Option<String>,
     /// Speculative decoding: ngram (prompt lookup), draft (a smaller model, --draft-model) or
-    /// early-exit (the model's first --early-exit-layers layers propose). CPU only.
+    /// early-exit (the model's first --early-exit-layers layers propose). On a GPU: ngram only.
     #[arg(long, value_enum)]
     pub speculative: Option<SpeculativeArg>,
     /// The draft model of --speculative draft (a model key or .gguf; same tokenizer).

@@ -342,3 +342,39 @@ impl Sequence {
         let _ = self.events.send(ev);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::SamplingParams;
+
+    const VOCAB: usize = 8;
+
+    fn proposing(proposal: &[u32]) -> Sequence {
+        let req = GenerateRequest::new(vec![1, 2], 16, SamplingParams::greedy());
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let mut seq = Sequence::new(0, req, VOCAB, events).unwrap();
+        seq.proposal = Proposal { tokens: proposal.to_vec(), q: vec![None; proposal.len()] };
+        seq
+    }
+
+    /// The device-argmax verification keeps and emits what the logits verification does.
+    #[test]
+    fn greedy_verification_from_argmaxes_matches_logits() {
+        let m = Metrics::default();
+        for (proposal, argmax, accepted) in
+            [(&[3, 5, 1][..], &[3, 5, 2, 7][..], 2), (&[3, 5, 1], &[3, 5, 1, 6], 3), (&[4], &[0, 2], 0)]
+        {
+            let mut from_ids = proposing(proposal);
+            assert_eq!(from_ids.on_verify_greedy(argmax, None, &m).unwrap(), (accepted, None));
+            let mut rows: Vec<f32> =
+                argmax.iter().flat_map(|&t| (0..VOCAB as u32).map(move |v| if v == t { 1.0 } else { 0.0 })).collect();
+            let mut from_logits = proposing(proposal);
+            assert_eq!(from_logits.on_verify(&mut rows, VOCAB, None, &m).unwrap(), (accepted, None));
+            let kept = &argmax[..accepted + 1];
+            assert_eq!(&from_ids.tokens[2..], kept, "proposal {proposal:?}, argmax {argmax:?}");
+            assert_eq!(from_ids.tokens, from_logits.tokens);
+            assert!(from_ids.proposal.tokens.is_empty(), "the proposal is used up");
+        }
+    }
+}
