@@ -226,8 +226,9 @@ pub struct EngineArgs {
     /// default 32768, 0 keeps them all).
     #[arg(long)]
     pub draft_vocab: Option<usize>,
-    /// Longest n-gram the ngram proposer matches.
-    #[arg(long, default_value_t = 3)]
+    /// Longest n-gram the ngram proposer matches (the longest match is tried first: a longer
+    /// shared context predicts the continuation better).
+    #[arg(long, default_value_t = 8)]
     pub prompt_lookup_max: usize,
     /// Shortest n-gram the ngram proposer matches.
     #[arg(long, default_value_t = 1)]
