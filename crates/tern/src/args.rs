@@ -233,6 +233,10 @@ pub struct EngineArgs {
     /// Shortest n-gram the ngram proposer matches.
     #[arg(long, default_value_t = 1)]
     pub prompt_lookup_min: usize,
+    /// The ngram proposer proposes at most this many tokens per token of the match (a 1-token
+    /// match: 3, a 3-token match: 9; still at most --num-speculative-tokens); 0: no cap.
+    #[arg(long, default_value_t = 3)]
+    pub prompt_lookup_per_match: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -258,7 +262,11 @@ impl EngineArgs {
             bail!("--early-exit-layers applies to --speculative early-exit only");
         }
         let proposer = match kind {
-            SpeculativeArg::Ngram => Proposer::Ngram { min_n: self.prompt_lookup_min, max_n: self.prompt_lookup_max },
+            SpeculativeArg::Ngram => Proposer::Ngram {
+                min_n: self.prompt_lookup_min,
+                max_n: self.prompt_lookup_max,
+                per_match: self.prompt_lookup_per_match,
+            },
             SpeculativeArg::EarlyExit => Proposer::EarlyExit {
                 layers: self.early_exit_layers.context("--speculative early-exit needs --early-exit-layers N")?,
             },

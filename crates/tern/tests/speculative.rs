@@ -78,7 +78,7 @@ fn every_proposer_keeps_greedy_output() {
     for key in ["qwen2.5-0.5b", "qwen2.5-1.5b"] {
         let m = load(key);
         let want = oracle(&m, &greedy_requests(&m, PROMPTS, 32));
-        let (_, accepted, _) = check_greedy(&m, &want, Proposer::Ngram { min_n: 1, max_n: 3 }, 256 << 20);
+        let (_, accepted, _) = check_greedy(&m, &want, Proposer::Ngram { min_n: 1, max_n: 3, per_match: 0 }, 256 << 20);
         assert!(accepted > 0, "{key}: n-gram lookup never accepted a token on copying prompts");
         let layers = m.weights.config.n_layers / 2;
         let (proposed, _, _) = check_greedy(&m, &want, Proposer::EarlyExit { layers }, 256 << 20);
@@ -106,7 +106,8 @@ fn speculation_under_preemption_keeps_greedy_output() {
     let want = oracle(&m, &greedy_requests(&m, PROMPTS, 32));
     // 8 blocks of 16 positions: the four requests (60-90 positions each) cannot all fit.
     let per_block = 2 * 24 * 2 * 64 * 4 * 16;
-    let (_, accepted, preemptions) = check_greedy(&m, &want, Proposer::Ngram { min_n: 1, max_n: 3 }, 8 * per_block);
+    let (_, accepted, preemptions) =
+        check_greedy(&m, &want, Proposer::Ngram { min_n: 1, max_n: 3, per_match: 0 }, 8 * per_block);
     assert!(preemptions > 0 && accepted > 0, "the pool was meant to preempt speculating sequences");
 }
 
@@ -193,7 +194,7 @@ fn sampled_tokens_keep_the_target_distribution() {
         draft_vocab: Some(2000),
     };
     let lookup = SpeculativeConfig {
-        proposer: Proposer::Ngram { min_n: 1, max_n: 3 },
+        proposer: Proposer::Ngram { min_n: 1, max_n: 3, per_match: 0 },
         num_tokens: 2,
         adaptive: false,
         draft_vocab: None,

@@ -619,7 +619,7 @@ fn engine_config(device: Device) -> EngineConfig {
         device,
         // Room for the verification rows of `compare_runners`.
         speculative: Some(SpeculativeConfig {
-            proposer: Proposer::Ngram { min_n: 1, max_n: 3 },
+            proposer: Proposer::Ngram { min_n: 1, max_n: 3, per_match: 0 },
             num_tokens: VERIFY_EVERY,
             adaptive: false,
             draft_vocab: None,

@@ -299,8 +299,8 @@ impl Engine {
                 continue;
             }
             match &spec.proposer {
-                Proposer::Ngram { min_n, max_n } => {
-                    seq.proposal.tokens = ngram::propose(&seq.tokens, *min_n, *max_n, k);
+                Proposer::Ngram { min_n, max_n, per_match } => {
+                    seq.proposal.tokens = ngram::propose(&seq.tokens, *min_n, *max_n, *per_match, k);
                     seq.proposal.q = vec![None; seq.proposal.tokens.len()];
                 }
                 _ => asks.push((seq.id, k, (seq.n_prompt + req.max_tokens + 1).min(max_context))),

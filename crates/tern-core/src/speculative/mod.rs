@@ -22,8 +22,8 @@ use anyhow::{bail, Result};
 #[derive(Clone)]
 pub enum Proposer {
     /// Prompt lookup: the tokens that followed the latest earlier occurrence of the last n
-    /// tokens (n from `max_n` down to `min_n`).
-    Ngram { min_n: usize, max_n: usize },
+    /// tokens (n from `max_n` down to `min_n`), at most `per_match` · n of them (0: no cap).
+    Ngram { min_n: usize, max_n: usize, per_match: usize },
     /// A smaller model (its weights; same vocabulary as the target).
     Draft(Box<ModelWeights>),
     /// The target's first `layers` layers with its final norm and LM head.
@@ -33,7 +33,10 @@ pub enum Proposer {
 impl std::fmt::Debug for Proposer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Proposer::Ngram { min_n, max_n } => write!(f, "ngram (n {min_n}..={max_n})"),
+            Proposer::Ngram { min_n, max_n, per_match: 0 } => write!(f, "ngram (n {min_n}..={max_n})"),
+            Proposer::Ngram { min_n, max_n, per_match } => {
+                write!(f, "ngram (n {min_n}..={max_n}, {per_match} tokens per matched token)")
+            }
             Proposer::Draft(w) => write!(f, "draft model ({} layers, hidden {})", w.config.n_layers, w.config.hidden),
             Proposer::EarlyExit { layers } => write!(f, "early exit after {layers} layers"),
         }
@@ -74,7 +77,7 @@ impl SpeculativeConfig {
             bail!("--num-speculative-tokens must be in 1..=32, got {}", self.num_tokens);
         }
         match &self.proposer {
-            Proposer::Ngram { min_n, max_n } => {
+            Proposer::Ngram { min_n, max_n, .. } => {
                 if *min_n == 0 || min_n > max_n {
                     bail!("n-gram sizes must satisfy 1 <= min <= max, got {min_n}..={max_n}");
                 }
