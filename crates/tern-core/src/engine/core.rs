@@ -483,8 +483,9 @@ impl Engine {
     }
 
     /// Checks running sequence `i`'s proposal against its `n` rows (the last token and each
-    /// proposed token: logits, or the device's argmax for a plain greedy sequence), keeps what the rule accepts, and rolls the rest back: the rejected
-    /// positions' blocks go back to the pool and the drafter forgets what no longer matches.
+    /// proposed token: logits, or the device's argmax for a plain greedy sequence), keeps what
+    /// the rule accepts, and rolls the rest back: the rejected positions' blocks go back to the
+    /// pool and the drafter forgets what no longer matches.
     fn verify(&mut self, i: usize, n: usize, rows: &mut std::slice::Iter<'_, Row>) -> Result<Option<FinishReason>> {
         let vocab = self.runner.config().vocab_size;
         let taken: Vec<Row> = rows.by_ref().take(n).copied().collect();
