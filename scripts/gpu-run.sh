@@ -13,7 +13,10 @@
 #   ncu    Nsight Compute on a few Q4_K matrix-vector kernels (speed of light, memory, warp stalls)
 #   spec   `tern bench spec`, n-gram lookup (k <= 3 and 7) against plain decoding, batch 1, greedy:
 #          Qwen2.5-7B bf16 random weights (acceptance is whatever the random model repeats), and the
-#          real model file $SPEC_MODEL first where it is set
+#          real model file $SPEC_MODEL first where it is set. smollm2-135m (98 MB) exceeds one
+#          call's 64 MiB: split it (`split -b 49181216 -d FILE part`), carry one half in a first
+#          call that copies it to /tmp, the other in the next call on the still-warm machine, and
+#          `cat` them there (check the .sha256 the model cache keeps beside it)
 #   hf     the transformers baseline (../shared/bench/hf_baseline.py) in the same run
 #   hfstatic  the same with a static cache and torch.compile, batch 128 then 1
 #   serveprofile  concurrency 128 against a server with TERN_CUDA_PROFILE=ops (time per kernel)
