@@ -504,11 +504,11 @@ impl Engine {
                 seq.on_verify(logits, vocab, tok, &self.metrics)?
             }
             Row::Token(_) => {
-                let argmax: Vec<u32> =
-                    taken.iter().filter_map(|&r| if let Row::Token(t) = r { Some(t) } else { None }).collect();
-                if argmax.len() < n {
+                let argmax: Option<Vec<u32>> =
+                    taken.iter().map(|&r| if let Row::Token(t) = r { Some(t) } else { None }).collect();
+                let Some(argmax) = argmax else {
                     bail!("the runner returned logits and tokens mixed in one verification");
-                }
+                };
                 seq.on_verify_greedy(&argmax, tok, &self.metrics)?
             }
         };
